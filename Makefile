@@ -1,0 +1,51 @@
+# qt: make help lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MPLBACKEND ?= Agg
+
+.PHONY: help setup demo test test-all data bench lint format ui clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU build on this machine's disk, never a CUDA download
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install qt with dev tools (quick when done)
+
+demo: setup  ## generate (or reuse) a maze2d-umaze dataset, train QT and the DT baseline, evaluate
+	$(BIN)/python -m qt.demo
+
+test: setup  ## the fast test suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-all: setup  ## every test this machine can run, slow ones included
+	$(BIN)/python -m pytest -q -m "not gpu or gpu"
+
+data: setup  ## generate the maze2d-umaze dataset at D4RL's size (1M steps)
+	$(BIN)/python -m qt.data.make maze2d-umaze-v1
+
+bench: setup  ## benchmarks: sampler, training step, acting (ratios in one run)
+	$(BIN)/python -m bench
+
+lint: setup  ## ruff lint and format check
+	$(BIN)/ruff check qt tests bench cli.py
+	$(BIN)/ruff format --check qt tests bench cli.py
+
+format: setup  ## ruff format in place
+	$(BIN)/ruff format qt tests bench cli.py
+	$(BIN)/ruff check --fix qt tests bench cli.py
+
+ui: setup  ## serve the MLflow UI for runs/ on 127.0.0.1
+	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-file:./runs/mlruns} --host 127.0.0.1 --port $${PORT:-5000}
+
+clean:  ## remove run outputs (keeps .venv and data)
+	rm -rf runs lightning_logs
