@@ -1,0 +1,61 @@
+"""qt's command line: `python cli.py fit|validate|test --config configs/...`.
+
+configs/base.yaml is always read first (trainer, logger, callbacks); a task config holds only
+what differs from it. Facts of the data (state/action sizes, state mean/std, scale,
+max_ep_len, the conditioning targets) are linked from the data module to the model, so no
+config repeats them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from qt.data.datamodule import QTDataModule
+from qt.module import QTModule
+
+BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "base.yaml"
+
+
+def _floats(values) -> list[float]:
+    return [float(v) for v in values]
+
+
+class QTCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.K", "model.K", apply_on="parse")
+        # One iteration (epoch) is num_steps_per_iter training steps.
+        parser.link_arguments(
+            "data.num_steps_per_iter", "trainer.limit_train_batches", apply_on="parse"
+        )
+        for name in ("state_dim", "act_dim", "max_ep_len", "scale"):
+            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+        for name in ("state_mean", "state_std", "env_targets"):
+            parser.link_arguments(
+                f"data.{name}", f"model.{name}", compute_fn=_floats, apply_on="instantiate"
+            )
+
+    def before_instantiate_classes(self) -> None:
+        # Name the MLflow run after task and seed unless the config names it.
+        config = self.config.get(self.subcommand, self.config)
+        logger = config.get("trainer", {}).get("logger")
+        if isinstance(logger, dict) or hasattr(logger, "init_args"):
+            init_args = logger["init_args"] if isinstance(logger, dict) else logger.init_args
+            if init_args.get("run_name") is None:
+                init_args["run_name"] = f"{config['data']['task']}-seed{config['seed_everything']}"
+
+
+def main(args=None) -> QTCLI:
+    return QTCLI(
+        QTModule,
+        QTDataModule,
+        seed_everything_default=123,
+        parser_kwargs={"default_config_files": [str(BASE_CONFIG)]},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Evaluation in the environment: the one place where the model and the environments meet.
+
+Every `eval_every_n_epochs` iterations (and once in `cli.py test`) the callback runs
+`num_eval_episodes` seeded episodes with Q-guided acting (QT_SPEC §4, §5). Under DDP the
+episodes are divided between ranks (episode i runs on rank i % world_size, exactly once) and
+their returns and lengths are gathered with torchmetrics before anything is logged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.aggregation import CatMetric
+
+from qt.envs import make_env
+from qt.evaluation import run_episodes
+from qt.policy import QTPolicy
+from qt.tasks import get_task
+
+
+@dataclass
+class EvalSummary:
+    """Statistics of one set of evaluation episodes."""
+
+    returns: np.ndarray
+    lengths: np.ndarray
+    ref_min_score: float
+    ref_max_score: float
+
+    def normalized(self, ret: float) -> float:
+        return 100.0 * (ret - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        r, n = self.returns, self.lengths
+        return {
+            f"{prefix}/return_mean": float(r.mean()),
+            f"{prefix}/return_std": float(r.std()),
+            f"{prefix}/length_mean": float(n.mean()),
+            f"{prefix}/length_std": float(n.std()),
+            f"{prefix}/normalized_score": self.normalized(float(r.mean())),
+        }
+
+    def table(self) -> str:
+        """A plain-text table: mean, std, min, max of return, normalised score and length."""
+        scores = np.array([self.normalized(float(x)) for x in self.returns])
+        rows = [("return", self.returns), ("normalized score", scores), ("length", self.lengths)]
+        lines = [f"{'':<18}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}   ({len(self.returns)} episodes)"]
+        for name, v in rows:
+            v = np.asarray(v, dtype=np.float64)
+            lines.append(f"{name:<18}{v.mean():>10.2f}{v.std():>10.2f}{v.min():>10.2f}{v.max():>10.2f}")
+        return "\n".join(lines)
+
+
+class Evaluation(L.Callback):
+    """Runs evaluation episodes at the end of training iterations and in `test`.
+
+    Args:
+        num_eval_episodes: episodes per evaluation during training (QT_SPEC §5: 10).
+        test_episodes: episodes in `cli.py test` (10 by default; 100 for final numbers).
+        eval_every_n_epochs: evaluate after every n-th iteration.
+        num_envs: environments stepped at once per rank (default: all of the rank's episodes).
+        seed: base seed; episode i of the evaluation after iteration e uses seed
+            `seed + 100_000 * e + i`, and of a test `seed + i`.
+        max_ep_len: cap on episode length (default: the model's `max_ep_len`).
+        task: the environment's task name (default: the data module's `task`).
+    """
+
+    def __init__(
+        self,
+        num_eval_episodes: int = 10,
+        test_episodes: int = 10,
+        eval_every_n_epochs: int = 1,
+        num_envs: int | None = None,
+        seed: int = 0,
+        max_ep_len: int | None = None,
+        task: str | None = None,
+    ) -> None:
+        for name, v in (("num_eval_episodes", num_eval_episodes), ("test_episodes", test_episodes),
+                        ("eval_every_n_epochs", eval_every_n_epochs)):  # fmt: skip
+            if v < 1:
+                raise ValueError(f"Evaluation.{name}={v}: expected a whole number >= 1.")
+        self.num_eval_episodes = num_eval_episodes
+        self.test_episodes = test_episodes
+        self.eval_every_n_epochs = eval_every_n_epochs
+        self.num_envs = num_envs
+        self.seed = seed
+        self.max_ep_len = max_ep_len
+        self.task = task
+        self.best: dict[str, float] = {}
+        self.last_summary: EvalSummary | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if (epoch + 1) % self.eval_every_n_epochs:
+            return
+        seeds = [self.seed + 100_000 * epoch + i for i in range(self.num_eval_episodes)]
+        summary = self.evaluate(trainer, pl_module, seeds)
+        metrics = summary.metrics("eval")
+        for key in ("eval/return_mean", "eval/normalized_score"):
+            best_key = key.replace("eval/", "eval/best_")
+            self.best[best_key] = max(self.best.get(best_key, -math.inf), metrics[key])
+        metrics.update(self.best)
+        pl_module.log_dict(metrics, on_epoch=True, sync_dist=False, rank_zero_only=False)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seeds = [self.seed + i for i in range(self.test_episodes)]
+        summary = self.evaluate(trainer, pl_module, seeds)
+        pl_module.log_dict(summary.metrics("test"), sync_dist=False)
+        rank_zero_info(f"Evaluation of {self._task_name(trainer)}:\n{summary.table()}")
+
+    # ------------------------------------------------------------------ the work
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, seeds: list[int]) -> EvalSummary:
+        """Run this rank's share of the episodes and gather every rank's results."""
+        hp = pl_module.hparams
+        task_name = self._task_name(trainer)
+        ref_min, ref_max = self._ref_scores(trainer, task_name)
+        mine = seeds[trainer.global_rank :: trainer.world_size]
+        was_training = pl_module.actor.training
+        pl_module.actor.eval()
+        policy = QTPolicy(
+            pl_module.actor,
+            pl_module.critic_target,  # the target critic scores actions (QT_SPEC §4)
+            state_mean=pl_module.state_mean,
+            state_std=pl_module.state_std,
+            scale=hp.scale,
+            env_targets=list(hp.env_targets),
+            K=hp.K,
+            max_ep_len=self.max_ep_len or hp.max_ep_len,
+            num_candidates=hp.num_candidates,
+            rtg_no_q=hp.rtg_no_q,
+            infer_no_q=hp.infer_no_q,
+            device=pl_module.device,
+        )
+        returns, lengths = CatMetric(), CatMetric()
+        returns, lengths = returns.to(pl_module.device), lengths.to(pl_module.device)
+        if mine:
+            stats = run_episodes(policy, partial(make_env, task_name), mine, num_envs=self.num_envs)
+            returns.update(torch.as_tensor(stats.returns, dtype=torch.float64))
+            lengths.update(torch.as_tensor(stats.lengths, dtype=torch.float64))
+        pl_module.actor.train(was_training)
+        summary = EvalSummary(
+            returns=returns.compute().cpu().numpy().reshape(-1),
+            lengths=lengths.compute().cpu().numpy().reshape(-1),
+            ref_min_score=ref_min,
+            ref_max_score=ref_max,
+        )
+        self.last_summary = summary
+        return summary
+
+    def _task_name(self, trainer: L.Trainer) -> str:
+        if self.task is not None:
+            return self.task
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "task"):
+            raise ValueError("Evaluation needs a task: set Evaluation.task or use QTDataModule.")
+        return dm.task
+
+    @staticmethod
+    def _ref_scores(trainer: L.Trainer, task_name: str) -> tuple[float, float]:
+        """The data module's reference scores (a generated dataset's own), else the registry's."""
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and getattr(dm, "task", None) == task_name and hasattr(dm, "ref_min_score"):
+            return float(dm.ref_min_score), float(dm.ref_max_score)
+        task = get_task(task_name)
+        return task.ref_min_score, task.ref_max_score
+
+    def state_dict(self) -> dict:
+        return {"best": dict(self.best)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = dict(state_dict.get("best", {}))
