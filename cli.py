@@ -46,7 +46,8 @@ class QTCLI(LightningCLI):
                 init_args["run_name"] = f"{config['data']['task']}-seed{config['seed_everything']}"
 
 
-def main(args=None) -> QTCLI:
+def main(args: list[str] | None = None, run: bool = True) -> QTCLI:
+    """Build the CLI; `run=False` parses and instantiates without running a subcommand."""
     return QTCLI(
         QTModule,
         QTDataModule,
@@ -54,6 +55,7 @@ def main(args=None) -> QTCLI:
         parser_kwargs={"default_config_files": [str(BASE_CONFIG)]},
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 
