@@ -1,0 +1,36 @@
+"""Adroit hand environments (pen, hammer, door, relocate) for the D4RL `-v1` datasets.
+
+gymnasium-robotics' `AdroitHand*-v1` environments port D4RL's hand_dapg (mj_envs) tasks to the
+`mujoco` bindings with the same observation vectors (pen 45, hammer 46, door 39, relocate 39)
+and action sizes (24, 26, 28, 30), actions normalised to [-1, 1] as D4RL's datasets store them.
+What differs from D4RL: gymnasium-robotics registers every Adroit task with a 200-step limit,
+D4RL gives pen 100 steps, so the limit is set here from D4RL's values. gymnasium-robotics
+1.2.0 briefly had the sign of the hand-to-object term of the door/hammer/relocate dense reward
+flipped (its PR 220); from 1.2.1 on the reward is D4RL's again.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+_ENV_IDS = {
+    "pen": "AdroitHandPen-v1",
+    "hammer": "AdroitHandHammer-v1",
+    "door": "AdroitHandDoor-v1",
+    "relocate": "AdroitHandRelocate-v1",
+}
+
+
+def make_adroit_env(family: str, *, render_mode: str | None = None) -> gym.Env:
+    """The gymnasium-robotics Adroit environment of a family, D4RL's time limit, float32 obs."""
+    import gymnasium_robotics
+
+    from qt.envs import _ADROIT_LIMITS, _as_float32_obs
+
+    if family not in _ENV_IDS:
+        raise ValueError(f"Unknown Adroit family {family!r}: expected one of {', '.join(_ENV_IDS)}.")
+    gym.register_envs(gymnasium_robotics)
+    env = gym.make(
+        _ENV_IDS[family], render_mode=render_mode, max_episode_steps=_ADROIT_LIMITS[family]
+    )
+    return _as_float32_obs(env)

@@ -1,0 +1,28 @@
+"""Gym-MuJoCo locomotion environments for the D4RL `-v2` datasets.
+
+D4RL recorded its `-v2` datasets on gym's `Hopper-v3`, `HalfCheetah-v3` and `Walker2d-v3`. The
+gymnasium `-v4` environments use the same MuJoCo models, rewards, termination rules and
+observations (the torso's x position excluded: `exclude_current_positions_from_observation`,
+on by default), now on the `mujoco` bindings instead of mujoco-py.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+_ENV_IDS = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}
+
+
+def make_locomotion_env(family: str, *, render_mode: str | None = None) -> gym.Env:
+    """The gymnasium environment of a locomotion family, float32 observations, limit 1000."""
+    from qt.envs import _as_float32_obs, _LOCOMOTION_LIMIT
+
+    if family not in _ENV_IDS:
+        raise ValueError(f"Unknown locomotion family {family!r}: expected one of {', '.join(_ENV_IDS)}.")
+    env = gym.make(
+        _ENV_IDS[family],
+        render_mode=render_mode,
+        exclude_current_positions_from_observation=True,
+        max_episode_steps=_LOCOMOTION_LIMIT,
+    )
+    return _as_float32_obs(env)
