@@ -56,15 +56,21 @@ class Task:
 # Acting settings per family (QT_SPEC §6): env_targets in raw return units, scale, sizes.
 _FAMILY_FACTS: dict[str, dict] = {
     "hopper": dict(state_dim=11, act_dim=3, env_targets=(3600.0, 1800.0), scale=1000.0),
-    "halfcheetah": dict(state_dim=17, act_dim=6, env_targets=(12000.0, 9000.0, 6000.0), scale=1000.0),
+    "halfcheetah": dict(
+        state_dim=17, act_dim=6, env_targets=(12000.0, 9000.0, 6000.0), scale=1000.0
+    ),
     "walker2d": dict(state_dim=17, act_dim=6, env_targets=(5000.0, 4000.0, 2500.0), scale=1000.0),
     "pen": dict(state_dim=45, act_dim=24, env_targets=(12000.0, 6000.0), scale=1000.0),
     "hammer": dict(state_dim=46, act_dim=26, env_targets=(12000.0, 6000.0, 3000.0), scale=1000.0),
     "door": dict(state_dim=39, act_dim=28, env_targets=(2000.0, 1000.0, 500.0), scale=100.0),
     "relocate": dict(state_dim=39, act_dim=30, env_targets=(3000.0, 1000.0), scale=1000.0),
     "kitchen": dict(state_dim=60, act_dim=9, env_targets=(500.0, 250.0), scale=100.0),
-    "maze2d": dict(state_dim=4, act_dim=2, env_targets=(300.0, 200.0, 150.0, 100.0, 50.0, 20.0), scale=10.0),
-    "antmaze": dict(state_dim=29, act_dim=8, env_targets=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3), scale=1.0),
+    "maze2d": dict(
+        state_dim=4, act_dim=2, env_targets=(300.0, 200.0, 150.0, 100.0, 50.0, 20.0), scale=10.0
+    ),
+    "antmaze": dict(
+        state_dim=29, act_dim=8, env_targets=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3), scale=1.0
+    ),
 }
 FAMILIES: tuple[str, ...] = tuple(_FAMILY_FACTS)
 MAX_EP_LEN = 1000  # QT_SPEC §6: the acting horizon is 1000 for every family
@@ -120,8 +126,12 @@ def _published() -> dict[str, Published]:
         ),
         # Hopper's windows are always full in the reference sampler (QT_SPEC §1).
         "hopper-medium-v2": Published(eta=1.0, grad_norm=9, max_iters=500, full_windows_only=True),
-        "hopper-medium-replay-v2": Published(eta=3.0, grad_norm=9, max_iters=500, full_windows_only=True),
-        "hopper-medium-expert-v2": Published(eta=1.0, grad_norm=9, max_iters=500, full_windows_only=True),
+        "hopper-medium-replay-v2": Published(
+            eta=3.0, grad_norm=9, max_iters=500, full_windows_only=True
+        ),
+        "hopper-medium-expert-v2": Published(
+            eta=1.0, grad_norm=9, max_iters=500, full_windows_only=True
+        ),
         "walker2d-medium-v2": Published(eta=2.0, grad_norm=5, max_iters=500),
         "walker2d-medium-replay-v2": Published(eta=2.0, grad_norm=5, max_iters=500),
         "walker2d-medium-expert-v2": Published(eta=2.0, grad_norm=5, max_iters=500),
@@ -143,7 +153,9 @@ def _published() -> dict[str, Published]:
         "maze2d-large-dense-v1": Published(eta=4.0, max_iters=500, **maze),
         "antmaze-umaze-v0": Published(eta=0.05, max_iters=500, **maze),
         "antmaze-umaze-diverse-v0": Published(eta=0.01, max_iters=500, **maze),
-        "antmaze-medium-diverse-v0": Published(eta=0.01, grad_norm=9, max_iters=100, early_epoch=80),
+        "antmaze-medium-diverse-v0": Published(
+            eta=0.01, grad_norm=9, max_iters=100, early_epoch=80
+        ),
         "antmaze-large-diverse-v0": Published(
             eta=0.005, grad_norm=9, max_iters=100, early_epoch=80, reward_tune="cql_antmaze"
         ),
@@ -154,7 +166,9 @@ def _published() -> dict[str, Published]:
 def _build() -> dict[str, Task]:
     """Every D4RL dataset of the paper's families, keyed by its D4RL name."""
     published = _published()
-    entries: list[tuple[str, str, str, tuple[float, float]]] = []  # (name, family, file, (min, max))
+    entries: list[
+        tuple[str, str, str, tuple[float, float]]
+    ] = []  # (name, family, file, (min, max))
 
     for family in ("hopper", "halfcheetah", "walker2d"):
         for dset in ("random", "medium", "medium-replay", "medium-expert", "expert"):
@@ -171,10 +185,19 @@ def _build() -> dict[str, Task]:
         suffix = "" if maze == "open" else "-v1"
         for reward in ("sparse", "dense"):
             name = f"maze2d-{maze}{'-dense' if reward == 'dense' else ''}-{version}"
-            entries.append((name, "maze2d", f"maze2d-{maze}-{reward}{suffix}.hdf5", _MAZE2D_REF[name]))
+            entries.append(
+                (name, "maze2d", f"maze2d-{maze}-{reward}{suffix}.hdf5", _MAZE2D_REF[name])
+            )
     for version, tail in (("v0", ""), ("v2", "_fixed")):
         for dset, stem in _ANTMAZE_FILE_STEMS.items():
-            entries.append((f"antmaze-{dset}-{version}", "antmaze", f"{stem}{tail}.hdf5", _FAMILY_REF["antmaze"]))
+            entries.append(
+                (
+                    f"antmaze-{dset}-{version}",
+                    "antmaze",
+                    f"{stem}{tail}.hdf5",
+                    _FAMILY_REF["antmaze"],
+                )
+            )
 
     tasks: dict[str, Task] = {}
     for name, family, file, (ref_min, ref_max) in entries:

@@ -10,7 +10,12 @@ from qt.tasks import FAMILIES, TASKS, Published, family_of, get_task, tasks_of_f
 _PUBLISHED = {
     "halfcheetah-medium-v2": (5.0, 15, 500, {"K": 5}),
     "halfcheetah-medium-replay-v2": (5.0, 15, 500, {"K": 5}),
-    "halfcheetah-medium-expert-v2": (0.4, 15, 10, {"num_steps_per_iter": 10000, "early_stop": False}),
+    "halfcheetah-medium-expert-v2": (
+        0.4,
+        15,
+        10,
+        {"num_steps_per_iter": 10000, "early_stop": False},
+    ),
     "hopper-medium-v2": (1.0, 9, 500, {"full_windows_only": True}),
     "hopper-medium-replay-v2": (3.0, 9, 500, {"full_windows_only": True}),
     "hopper-medium-expert-v2": (1.0, 9, 500, {"full_windows_only": True}),
@@ -73,7 +78,14 @@ def test_registry_covers_every_d4rl_dataset_of_the_families() -> None:
     for maze in ("umaze", "medium", "large"):
         expected |= {f"maze2d-{maze}-v1", f"maze2d-{maze}-dense-v1"}
     for v in ("v0", "v2"):
-        for d in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse"):
+        for d in (
+            "umaze",
+            "umaze-diverse",
+            "medium-play",
+            "medium-diverse",
+            "large-play",
+            "large-diverse",
+        ):
             expected.add(f"antmaze-{d}-{v}")
     assert set(TASKS) == expected
     assert all(task.name == name for name, task in TASKS.items())

@@ -13,16 +13,16 @@ from collections.abc import Sequence
 import gymnasium as gym
 import numpy as np
 
+from qt.envs.common import (
+    ADROIT_LIMITS,
+    ANTMAZE_LIMITS,
+    KITCHEN_LIMIT,
+    LOCOMOTION_LIMIT,
+    MAZE2D_LIMITS,
+)
 from qt.tasks import Task, get_task
 
 __all__ = ["make_env", "make_vector_env", "episode_limit"]
-
-# D4RL's registered time limits (max_episode_steps) per dataset family / maze.
-_LOCOMOTION_LIMIT = 1000
-_ADROIT_LIMITS = {"pen": 100, "hammer": 200, "door": 200, "relocate": 200}
-_KITCHEN_LIMIT = 280
-_MAZE2D_LIMITS = {"open": 150, "umaze": 300, "medium": 600, "large": 800}
-_ANTMAZE_LIMITS = {"umaze": 700, "medium": 1000, "large": 1000}
 
 
 def _maze_of(task: Task) -> str:
@@ -34,16 +34,18 @@ def episode_limit(task: str | Task) -> int:
     """D4RL's time limit (max_episode_steps) of the task's evaluation environment."""
     task = get_task(task) if isinstance(task, str) else task
     if task.family in ("hopper", "halfcheetah", "walker2d"):
-        return _LOCOMOTION_LIMIT
-    if task.family in _ADROIT_LIMITS:
-        return _ADROIT_LIMITS[task.family]
+        return LOCOMOTION_LIMIT
+    if task.family in ADROIT_LIMITS:
+        return ADROIT_LIMITS[task.family]
     if task.family == "kitchen":
-        return _KITCHEN_LIMIT
+        return KITCHEN_LIMIT
     if task.family == "maze2d":
-        return _MAZE2D_LIMITS[_maze_of(task)]
+        return MAZE2D_LIMITS[_maze_of(task)]
     if task.family == "antmaze":
-        return _ANTMAZE_LIMITS[_maze_of(task)]
-    raise ValueError(f"Task {task.name!r} has family {task.family!r}, for which no environment exists.")
+        return ANTMAZE_LIMITS[_maze_of(task)]
+    raise ValueError(
+        f"Task {task.name!r} has family {task.family!r}, for which no environment exists."
+    )
 
 
 def _check_spaces(env: gym.Env, task: Task) -> None:
@@ -73,7 +75,7 @@ def make_env(
         from qt.envs.locomotion import make_locomotion_env
 
         env = make_locomotion_env(family, render_mode=render_mode)
-    elif family in _ADROIT_LIMITS:
+    elif family in ADROIT_LIMITS:
         from qt.envs.adroit import make_adroit_env
 
         env = make_adroit_env(family, render_mode=render_mode)
@@ -92,7 +94,9 @@ def make_env(
             _maze_of(task), goal_per_reset=task.name.endswith("-v2"), render_mode=render_mode
         )
     else:
-        raise ValueError(f"Task {task.name!r} has family {family!r}, for which no environment exists.")
+        raise ValueError(
+            f"Task {task.name!r} has family {family!r}, for which no environment exists."
+        )
     _check_spaces(env, task)
     if seed is not None:
         # Gymnasium seeds the environment's generator at the first reset with a seed; seeding
@@ -113,17 +117,12 @@ def make_vector_env(
     if num_envs < 1:
         raise ValueError(f"num_envs is {num_envs}, expected at least 1.")
     if seeds is not None and len(seeds) != num_envs:
-        raise ValueError(f"seeds has {len(seeds)} entries, expected one per environment ({num_envs}).")
+        raise ValueError(
+            f"seeds has {len(seeds)} entries, expected one per environment ({num_envs})."
+        )
     task = get_task(task) if isinstance(task, str) else task
     fns = [
         (lambda i=i: make_env(task, seed=None if seeds is None else int(seeds[i])))
         for i in range(num_envs)
     ]
     return gym.vector.SyncVectorEnv(fns)
-
-
-def _as_float32_obs(env: gym.Env) -> gym.Env:
-    """Cast observations to float32 (D4RL stores float32 states) and declare that space."""
-    low = np.full(env.observation_space.shape, -np.inf, dtype=np.float32)
-    space = gym.spaces.Box(low, -low, dtype=np.float32)
-    return gym.wrappers.TransformObservation(env, lambda obs: np.asarray(obs, np.float32), space)

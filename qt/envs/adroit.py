@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gymnasium as gym
 
+from qt.envs.common import ADROIT_LIMITS, as_float32_obs
+
 _ENV_IDS = {
     "pen": "AdroitHandPen-v1",
     "hammer": "AdroitHandHammer-v1",
@@ -25,12 +27,12 @@ def make_adroit_env(family: str, *, render_mode: str | None = None) -> gym.Env:
     """The gymnasium-robotics Adroit environment of a family, D4RL's time limit, float32 obs."""
     import gymnasium_robotics
 
-    from qt.envs import _ADROIT_LIMITS, _as_float32_obs
-
     if family not in _ENV_IDS:
-        raise ValueError(f"Unknown Adroit family {family!r}: expected one of {', '.join(_ENV_IDS)}.")
+        raise ValueError(
+            f"Unknown Adroit family {family!r}: expected one of {', '.join(_ENV_IDS)}."
+        )
     gym.register_envs(gymnasium_robotics)
     env = gym.make(
-        _ENV_IDS[family], render_mode=render_mode, max_episode_steps=_ADROIT_LIMITS[family]
+        _ENV_IDS[family], render_mode=render_mode, max_episode_steps=ADROIT_LIMITS[family]
     )
-    return _as_float32_obs(env)
+    return as_float32_obs(env)

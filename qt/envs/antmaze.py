@@ -29,6 +29,8 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
+from qt.envs.common import ANTMAZE_LIMITS
+
 # D4RL's single-goal evaluation maps (maze_env.py *_TEST): 1 wall, 0 free, R reset, G goal.
 R, G = "r", "g"
 MAZES: dict[str, list[list[int | str]]] = {
@@ -64,7 +66,6 @@ MAZES: dict[str, list[list[int | str]]] = {
 MAZE_SIZE_SCALING = 4.0
 MAZE_HEIGHT = 0.5
 GOAL_RADIUS = 0.5
-TIME_LIMITS = {"umaze": 700, "medium": 1000, "large": 1000}
 
 
 def _find(maze: list[list[int | str]], mark: str) -> tuple[int, int]:
@@ -127,9 +128,7 @@ class AntMazeEnv(gym.Env):
 
     metadata = {"render_modes": ["human", "rgb_array", "depth_array"], "render_fps": 10}
 
-    def __init__(
-        self, maze: str, *, goal_per_reset: bool, render_mode: str | None = None
-    ) -> None:
+    def __init__(self, maze: str, *, goal_per_reset: bool, render_mode: str | None = None) -> None:
         from gymnasium.envs.mujoco.ant_v5 import AntEnv
 
         if maze not in MAZES:
@@ -191,5 +190,5 @@ def make_antmaze_env(
 ) -> gym.Env:  # fmt: skip
     """AntMaze `maze` ('umaze'|'medium'|'large') with D4RL's time limit unless one is given."""
     env = AntMazeEnv(maze, goal_per_reset=goal_per_reset, render_mode=render_mode)
-    limit = TIME_LIMITS[maze] if max_episode_steps is None else max_episode_steps
+    limit = ANTMAZE_LIMITS[maze] if max_episode_steps is None else max_episode_steps
     return gym.wrappers.TimeLimit(env, max_episode_steps=limit)

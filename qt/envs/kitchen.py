@@ -10,16 +10,19 @@ view of it restored:
   microwave, kettle, bottom burner, light switch.
 
 Known failure: gymnasium-robotics (1.4.2 and earlier) compares joint types with a tuple
-membership test that mujoco 4's enums no longer satisfy, so `FrankaKitchen-v1` raises an
-AssertionError while it is built under mujoco>=4. It builds under mujoco<4 (checked with
-mujoco 3.3.7 and gymnasium-robotics 1.4.2); `make_kitchen_env` turns the failure into
-`EnvUnavailableError` with that advice.
+membership test that newer mujoco enums no longer satisfy, so `FrankaKitchen-v1` raises an
+AssertionError while it is built under mujoco>=3.12 (so also under 4.x). With
+gymnasium-robotics 1.4.2 it builds under mujoco 3.11.0 and fails from 3.12.0 on (bisected over
+3.3.7 ... 3.17.0); `make_kitchen_env` turns the failure into `EnvUnavailableError` with that
+advice.
 """
 
 from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
+
+from qt.envs.common import KITCHEN_LIMIT
 
 _TASKS = {
     "kitchen-complete-v0": ("microwave", "kettle", "light switch", "slide cabinet"),
@@ -46,7 +49,6 @@ _ELEMENT_GOALS = {
     "microwave": [-0.75],
     "kettle": [-0.23, 0.75, 1.62, 0.99, 0.0, 0.0, -0.06],
 }
-TIME_LIMIT = 280
 
 
 class EnvUnavailableError(RuntimeError):
@@ -99,13 +101,13 @@ def make_kitchen_env(name: str, *, render_mode: str | None = None) -> gym.Env:
             "FrankaKitchen-v1",
             tasks_to_complete=list(_TASKS[name]),
             terminate_on_tasks_completed=True,
-            max_episode_steps=TIME_LIMIT,
+            max_episode_steps=KITCHEN_LIMIT,
             render_mode=render_mode,
         )
     except AssertionError as err:
         raise EnvUnavailableError(
             f"FrankaKitchen-v1 cannot be built with mujoco {mujoco.__version__} and "
             f"gymnasium-robotics {gymnasium_robotics.__version__} (its joint-type check fails "
-            f"under mujoco>=4); install 'mujoco<4' (checked: mujoco==3.3.7) to evaluate {name}."
+            f"under mujoco>=3.12); install 'mujoco<3.12' (mujoco==3.11.0 works) to evaluate {name}."
         ) from err
     return D4RLKitchen(env, _TASKS[name])

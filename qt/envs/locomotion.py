@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import gymnasium as gym
 
+from qt.envs.common import LOCOMOTION_LIMIT, as_float32_obs
+
 _ENV_IDS = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}
 
 
 def make_locomotion_env(family: str, *, render_mode: str | None = None) -> gym.Env:
     """The gymnasium environment of a locomotion family, float32 observations, limit 1000."""
-    from qt.envs import _as_float32_obs, _LOCOMOTION_LIMIT
-
     if family not in _ENV_IDS:
-        raise ValueError(f"Unknown locomotion family {family!r}: expected one of {', '.join(_ENV_IDS)}.")
+        raise ValueError(
+            f"Unknown locomotion family {family!r}: expected one of {', '.join(_ENV_IDS)}."
+        )
     env = gym.make(
         _ENV_IDS[family],
         render_mode=render_mode,
         exclude_current_positions_from_observation=True,
-        max_episode_steps=_LOCOMOTION_LIMIT,
+        max_episode_steps=LOCOMOTION_LIMIT,
     )
-    return _as_float32_obs(env)
+    return as_float32_obs(env)
