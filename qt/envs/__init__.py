@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import gymnasium as gym
-import numpy as np
 
 from qt.envs.common import (
     ADROIT_LIMITS,
