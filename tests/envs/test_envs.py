@@ -134,3 +134,20 @@ def test_vector_env_seeds_each_copy() -> None:
 def test_unknown_task_is_reported() -> None:
     with pytest.raises(ValueError, match="Unknown task 'hopper-medum-v2'"):
         make_env("hopper-medum-v2")
+
+
+def test_pen_ends_when_the_pen_drops_as_in_d4rl() -> None:
+    env = make_env("pen-human-v1", seed=0)
+    raw = env.unwrapped
+    rng = np.random.default_rng(0)
+    ended_by_drop = 0
+    for episode in range(4):
+        env.reset(seed=episode)
+        while True:
+            _, _, terminated, truncated, _ = env.step(rng.uniform(-1, 1, 24).astype(np.float32))
+            height = raw.data.xpos[raw.obj_body_id][2]
+            assert terminated == bool(height < 0.075)  # D4RL pen_v0: done when obj z < 0.075
+            if terminated or truncated:
+                ended_by_drop += terminated
+                break
+    assert ended_by_drop > 0
