@@ -8,6 +8,8 @@ on by default), now on the `mujoco` bindings instead of mujoco-py.
 
 from __future__ import annotations
 
+import warnings
+
 import gymnasium as gym
 
 from qt.envs.common import LOCOMOTION_LIMIT, as_float32_obs
@@ -21,10 +23,13 @@ def make_locomotion_env(family: str, *, render_mode: str | None = None) -> gym.E
         raise ValueError(
             f"Unknown locomotion family {family!r}: expected one of {', '.join(_ENV_IDS)}."
         )
-    env = gym.make(
-        _ENV_IDS[family],
-        render_mode=render_mode,
-        exclude_current_positions_from_observation=True,
-        max_episode_steps=LOCOMOTION_LIMIT,
-    )
+    with warnings.catch_warnings():
+        # gymnasium suggests -v5; -v4 is chosen on purpose (the -v3 dynamics D4RL recorded).
+        warnings.filterwarnings("ignore", message=".*is out of date", category=DeprecationWarning)
+        env = gym.make(
+            _ENV_IDS[family],
+            render_mode=render_mode,
+            exclude_current_positions_from_observation=True,
+            max_episode_steps=LOCOMOTION_LIMIT,
+        )
     return as_float32_obs(env)
