@@ -159,7 +159,10 @@ class AntMazeEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Reset the ant near the origin; draw the goal (every reset for -v2, once for -v0)."""
         super().reset(seed=seed)
-        obs, info = self.ant.reset(seed=seed)
+        # The ant's noise gets its own seed drawn from this env's generator: reseeding both with
+        # `seed` would make the start noise and the goal noise the same uniform draws.
+        ant_seed = None if seed is None else int(self.np_random.integers(2**31))
+        obs, _ = self.ant.reset(seed=ant_seed)
         if self.goal is None or self.goal_per_reset:
             self.goal = sample_goal(self.maze, self.np_random)
             self.ant.model.site_pos[self._goal_site, :2] = self.goal
