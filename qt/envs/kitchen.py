@@ -6,10 +6,13 @@ view of it restored:
   vector (30): zeros except D4RL's target values at the indices of the dataset's four tasks;
 - reward: the number of tasks completed in this step (each task counts once per episode,
   completed within 0.3 of its goal), terminated when all four are done, time limit 280;
+- observation noise: D4RL's ratio 0.1 for the robot and the objects;
 - tasks: complete and partial are microwave, kettle, light switch, slide cabinet; mixed is
   microwave, kettle, bottom burner, light switch.
+One difference stays: D4RL decides completion on the noisy object observation,
+gymnasium-robotics on the true positions (the noise is about 0.01 at most).
 
-Known failure: gymnasium-robotics (1.4.2 and earlier) compares joint types with a tuple
+Known failure: gymnasium-robotics 1.4.2 compares joint types with a tuple
 membership test that newer mujoco enums no longer satisfy, so `FrankaKitchen-v1` raises an
 AssertionError while it is built under mujoco>=3.12 (so also under 4.x). With
 gymnasium-robotics 1.4.2 it builds under mujoco 3.11.0 and fails from 3.12.0 on (bisected over
@@ -101,6 +104,10 @@ def make_kitchen_env(name: str, *, render_mode: str | None = None) -> gym.Env:
             "FrankaKitchen-v1",
             tasks_to_complete=list(_TASKS[name]),
             terminate_on_tasks_completed=True,
+            # D4RL's observation noise: ratio 0.1 on robot and objects (gymnasium-robotics'
+            # defaults are 0.01 and 0.0005), times the same per-joint amplitudes.
+            robot_noise_ratio=0.1,
+            object_noise_ratio=0.1,
             max_episode_steps=KITCHEN_LIMIT,
             render_mode=render_mode,
         )
