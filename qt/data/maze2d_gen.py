@@ -177,6 +177,7 @@ def generate(
     ref_episodes: int = 100,
     action_noise: float = 0.0,
     stale_obs: bool = True,
+    max_episode_steps: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> GeneratedDataset:
     """Generate a `maze2d-*` dataset by D4RL's protocol (see the module docstring).
@@ -184,6 +185,8 @@ def generate(
     steps: stream length (default D4RL's: umaze/open 1M, medium 2M, large 4M).
     ref_episodes: episodes per reference policy (0 skips them and stores NaN).
     action_noise: std of Gaussian noise added to the controller's action (D4RL `--noisy`: 0.5).
+    stale_obs: keep D4RL's stale observation after each flagged step (see the module docstring).
+    max_episode_steps: the episode counter's limit (default D4RL's time limit of the maze).
     progress: called with the number of steps done, every 10k steps and at the end.
     """
     maze, dense = parse_name(name)
@@ -196,7 +199,9 @@ def generate(
     rng = np.random.default_rng(seed)
     env = Maze2DEnv(maze, dense)
     model, data = env.model, env.data
-    limit = TIME_LIMITS[maze]
+    limit = TIME_LIMITS[maze] if max_episode_steps is None else int(max_episode_steps)
+    if limit < 1:
+        raise ValueError(f"max_episode_steps={max_episode_steps}: expected a positive integer.")
     controller = WaypointController(maze, rng)
 
     obs = np.empty((steps, 4), dtype=np.float32)
