@@ -142,14 +142,33 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m qt.data.make", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m qt.data.make", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("name", help="qt task name, e.g. maze2d-umaze-v1 or hopper-medium-v2")
     parser.add_argument("--steps", type=int, default=None, help="dataset size (default: D4RL's)")
-    parser.add_argument("--out", type=Path, default=None, help="Minari root (default: $MINARI_DATASETS_PATH or ./data/minari)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="Minari root (default: $MINARI_DATASETS_PATH or ./data/minari)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--d4rl-hdf5", action="store_true", help="also write a D4RL-format hdf5 file")
-    parser.add_argument("--hdf5-out", type=Path, default=None, help="hdf5 path (default: <out>/../d4rl/<dataset_file>)")
-    parser.add_argument("--work-dir", type=Path, default=None, help="locomotion: policy checkpoints (default: <out>/../work/<name>)")
+    parser.add_argument(
+        "--d4rl-hdf5", action="store_true", help="also write a D4RL-format hdf5 file"
+    )
+    parser.add_argument(
+        "--hdf5-out",
+        type=Path,
+        default=None,
+        help="hdf5 path (default: <out>/../d4rl/<dataset_file>)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="locomotion: policy checkpoints (default: <out>/../work/<name>)",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing dataset")
     args, unknown = parser.parse_known_args(argv)
     try:
@@ -168,16 +187,27 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = args.work_dir or root.resolve().parent / "work" / args.name
         # refuse before spending minutes generating
         if (root / "qt" / args.name).exists() and not args.force:
-            raise FileExistsError(f"Dataset {root / 'qt' / args.name} already exists: pass --force to replace it.")
+            raise FileExistsError(
+                f"Dataset {root / 'qt' / args.name} already exists: pass --force to replace it."
+            )
         if args.d4rl_hdf5 and hdf5_path.exists() and not args.force:
-            raise FileExistsError(f"Dataset file {hdf5_path} already exists: pass --force to replace it.")
+            raise FileExistsError(
+                f"Dataset file {hdf5_path} already exists: pass --force to replace it."
+            )
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     progress = _Progress(_total_steps(args.name, args.steps), args.name)
     try:
-        ds = generate(args.name, steps=args.steps, seed=args.seed, work_dir=work_dir, extra=extra, progress=progress)
+        ds = generate(
+            args.name,
+            steps=args.steps,
+            seed=args.seed,
+            work_dir=work_dir,
+            extra=extra,
+            progress=progress,
+        )
     except (ValueError, FileNotFoundError, TypeError) as err:
         progress.close()
         print(f"error: {err}", file=sys.stderr)

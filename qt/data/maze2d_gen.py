@@ -56,7 +56,9 @@ def parse_name(name: str) -> tuple[str, bool]:
     return parts[1], len(parts) == 4
 
 
-def q_iteration(walls: np.ndarray, goal: tuple[int, int], sweeps: int = 50, discount: float = 0.99) -> np.ndarray:
+def q_iteration(
+    walls: np.ndarray, goal: tuple[int, int], sweeps: int = 50, discount: float = 0.99
+) -> np.ndarray:
     """D4RL's tabular Q-iteration over cells: Q (rows, cols, 5), reward 1 in the goal cell.
 
     A move into a wall or off the grid is a NOOP; walls are states too (the rounded position
@@ -114,7 +116,9 @@ class WaypointController:
         self.prev = (float(start[0]), float(start[1]))
         self.target = target
 
-    def act(self, x: float, y: float, vx: float, vy: float, goal: tuple[float, float]) -> tuple[float, float, bool]:
+    def act(
+        self, x: float, y: float, vx: float, vy: float, goal: tuple[float, float]
+    ) -> tuple[float, float, bool]:
         """Action (ax, ay) in [-1, 1] and whether the goal counts as reached (D4RL's `done`)."""
         goal_cell = (int(round(goal[0])), int(round(goal[1])))
         if goal_cell != self.target:

@@ -61,7 +61,9 @@ def _atomic_dir(final: Path, scratch_parent: Path, force: bool) -> Iterator[Path
     """Yield a temporary directory in `scratch_parent` (outside any dataset root, on the same
     file system) and remove it when the caller fails; the caller moves its result into place."""
     if final.exists() and not force:
-        raise FileExistsError(f"Dataset {final} already exists: pass force=True (--force) to replace it.")
+        raise FileExistsError(
+            f"Dataset {final} already exists: pass force=True (--force) to replace it."
+        )
     scratch_parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.writing-", dir=scratch_parent))
     try:
@@ -82,7 +84,13 @@ def _swap_into_place(src: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
-def write_minari(ds: GeneratedDataset, root: str | os.PathLike, *, force: bool = False, description: str | None = None) -> Path:
+def write_minari(
+    ds: GeneratedDataset,
+    root: str | os.PathLike,
+    *,
+    force: bool = False,
+    description: str | None = None,
+) -> Path:
     """Write `ds` as the Minari dataset `qt/<name>` under the Minari root `root`; return its path.
 
     Episodes are split at terminals|timeouts; each episode's final observation is the
@@ -161,7 +169,9 @@ def write_d4rl_hdf5(ds: GeneratedDataset, path: str | os.PathLike, *, force: boo
     """Write `ds` as a D4RL-format hdf5 file (flat arrays; reference scores as attributes)."""
     path = Path(path)
     if path.exists() and not force:
-        raise FileExistsError(f"Dataset file {path} already exists: pass force=True (--force) to replace it.")
+        raise FileExistsError(
+            f"Dataset file {path} already exists: pass force=True (--force) to replace it."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.writing-", dir=path.parent)
     os.close(fd)

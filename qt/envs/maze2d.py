@@ -190,7 +190,9 @@ class Maze2DEnv(gym.Env):
         if options and "cell" in options:
             cell = np.asarray(options["cell"], dtype=np.float64)
             if cell.shape != (2,) or self.walls[int(cell[0]), int(cell[1])]:
-                raise ValueError(f"reset option cell={options['cell']!r}: expected a free cell (i, j).")
+                raise ValueError(
+                    f"reset option cell={options['cell']!r}: expected a free cell (i, j)."
+                )
         else:
             cell = self.reset_cells[self.np_random.integers(len(self.reset_cells))]
         qpos = cell + self.np_random.uniform(-0.1, 0.1, size=2)

@@ -65,7 +65,9 @@ def umaze():
 def test_sparse_rewards_are_within_half_a_unit_of_the_eval_goal(umaze):
     a = umaze.arrays
     goal = np.array(parse_layout("umaze")[1], dtype=float)
-    expect = [1.0 if math.dist(o[:2], goal) <= 0.5 else 0.0 for o in a["observations"].astype(float)]
+    expect = [
+        1.0 if math.dist(o[:2], goal) <= 0.5 else 0.0 for o in a["observations"].astype(float)
+    ]
     np.testing.assert_array_equal(a["rewards"], expect)
     assert 0 < a["rewards"].sum() < len(expect)
     dense = generate("maze2d-umaze-dense-v1", steps=500, seed=3, ref_episodes=0)
