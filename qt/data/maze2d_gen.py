@@ -13,8 +13,9 @@ This module owns the waypoint controller and the generation of `maze2d-*` datase
   a waypoint counts as reached within 0.1 when the point moved less than 0.1 since the last
   step; optional Gaussian action noise (D4RL's `--noisy`, 0.5) before clipping;
 - rewards as D4RL relabelled them (scripts/generation/relabel_maze2d_rewards.py): from the
-  stored observation, against the maze's fixed evaluation goal, sparse or dense;
-  `terminals` all False.
+  stored observation, against the maze's fixed evaluation goal, sparse or dense
+  (`reward_goal="current"` measures against the goal being driven to instead, which is
+  not what D4RL's files hold); `terminals` all False.
 
 D4RL's quirks kept on purpose (each is what its released files contain): an episode that
 times out holds max_episode_steps + 1 steps; after a flagged step the stored observation is
@@ -136,7 +137,10 @@ class WaypointController:
 
 
 def maze_rewards(observations: np.ndarray, goal: np.ndarray, dense: bool) -> np.ndarray:
-    """D4RL's relabelling: reward of each stored observation against a fixed goal, (N,) f32."""
+    """D4RL's relabelling: reward of each stored observation against a goal, (N,) f32.
+
+    goal: (2,) a fixed goal (D4RL), or (N, 2) one per step.
+    """
     dist = np.linalg.norm(observations[:, :2].astype(np.float64) - goal, axis=1)
     return (np.exp(-dist) if dense else (dist <= 0.5).astype(np.float64)).astype(np.float32)
 
@@ -182,6 +186,7 @@ def generate(
     action_noise: float = 0.0,
     stale_obs: bool = True,
     max_episode_steps: int | None = None,
+    reward_goal: str = "eval",
     progress: Callable[[int], None] | None = None,
 ) -> GeneratedDataset:
     """Generate a `maze2d-*` dataset by D4RL's protocol (see the module docstring).
@@ -191,12 +196,16 @@ def generate(
     action_noise: std of Gaussian noise added to the controller's action (D4RL `--noisy`: 0.5).
     stale_obs: keep D4RL's stale observation after each flagged step (see the module docstring).
     max_episode_steps: the episode counter's limit (default D4RL's time limit of the maze).
+    reward_goal: "eval" (D4RL's relabelling: the maze's fixed evaluation goal) or "current"
+        (the goal the controller was driving to at that step, `infos/goal`).
     progress: called with the number of steps done, every 10k steps and at the end.
     """
     maze, dense = parse_name(name)
     steps = D4RL_STEPS[maze] if steps is None else int(steps)
     if steps < 1:
         raise ValueError(f"steps={steps}: expected a positive number of steps.")
+    if reward_goal not in ("eval", "current"):
+        raise ValueError(f"reward_goal={reward_goal!r}: expected 'eval' (D4RL) or 'current'.")
     if ref_episodes < 0:
         raise ValueError(f"ref_episodes={ref_episodes}: expected 0 or more episodes.")
     t0 = time.perf_counter()
@@ -250,7 +259,7 @@ def generate(
     gen_seconds = time.perf_counter() - t0
 
     eval_goal = np.array(env.target)  # the layout's goal cell: D4RL's evaluation goal
-    rewards = maze_rewards(obs, eval_goal, dense)
+    rewards = maze_rewards(obs, eval_goal if reward_goal == "eval" else goals, dense)
     if ref_episodes > 0:
         ref_min, ref_max = reference_scores(maze, dense, ref_episodes, seed)
     else:
@@ -279,6 +288,7 @@ def generate(
             "steps": steps,
             "action_noise": action_noise,
             "stale_obs": stale_obs,
+            "reward_goal": reward_goal,
             "ref_episodes": ref_episodes,
             "eval_goal": [float(g) for g in eval_goal],
             "max_episode_steps": limit,

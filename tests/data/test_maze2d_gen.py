@@ -70,6 +70,11 @@ def test_sparse_rewards_are_within_half_a_unit_of_the_eval_goal(umaze):
     ]
     np.testing.assert_array_equal(a["rewards"], expect)
     assert 0 < a["rewards"].sum() < len(expect)
+    cur = generate("maze2d-umaze-v1", steps=3000, seed=3, ref_episodes=0, reward_goal="current")
+    goals = cur.arrays["infos/goal"].astype(float)
+    obs = cur.arrays["observations"].astype(float)
+    expect = [float(math.dist(o[:2], g) <= 0.5) for o, g in zip(obs, goals)]
+    np.testing.assert_array_equal(cur.arrays["rewards"], expect)
     dense = generate("maze2d-umaze-dense-v1", steps=500, seed=3, ref_episodes=0)
     d = [math.exp(-math.dist(o[:2], goal)) for o in dense.arrays["observations"].astype(float)]
     np.testing.assert_allclose(dense.arrays["rewards"], d, rtol=1e-6)
