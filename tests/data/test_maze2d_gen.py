@@ -136,3 +136,11 @@ def test_reference_scores_order_and_names():
         with pytest.raises(ValueError, match="expected maze2d-"):
             parse_name(bad)
     assert set(LAYOUTS) == {"open", "umaze", "medium", "large"}
+
+
+@pytest.mark.slow
+def test_episode_rate_matches_d4rls_released_umaze_file():
+    # D4RL's maze2d-umaze-v1 holds 12459 flagged steps (episodes) in its 1M steps
+    ds = generate("maze2d-umaze-v1", steps=200_000, seed=11, ref_episodes=0)
+    per_million = ds.arrays["timeouts"].sum() * 5
+    assert abs(per_million - 12459) < 0.03 * 12459
