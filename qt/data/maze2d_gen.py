@@ -39,24 +39,13 @@ import numpy as np
 
 from qt.data.generated import GeneratedDataset
 from qt.envs.maze2d import LAYOUTS, TIME_LIMITS, VEL_CLIP, Maze2DEnv, make_maze2d_env
+from qt.envs.maze2d import parse_maze_name as parse_name
 
 # D4RL's dataset sizes for its maze2d files.
 D4RL_STEPS = {"open": 1_000_000, "umaze": 1_000_000, "medium": 2_000_000, "large": 4_000_000}
 # Grid moves in D4RL's action order: NOOP, UP, DOWN, LEFT, RIGHT (dx on rows, dy on columns).
 MOVES = np.array([[0, 0], [0, -1], [0, 1], [-1, 0], [1, 0]], dtype=np.int64)
 P_GAIN, D_GAIN, SOLVE_THRESH, VEL_THRESH = 10.0, -1.0, 0.1, 0.1
-
-
-def parse_name(name: str) -> tuple[str, bool]:
-    """`maze2d-umaze-v1` -> ("umaze", False); `maze2d-large-dense-v1` -> ("large", True)."""
-    parts = name.split("-")
-    ok = len(parts) in (3, 4) and parts[0] == "maze2d" and parts[1] in LAYOUTS
-    ok = ok and parts[-1] in ("v0", "v1") and (len(parts) == 3 or parts[2] == "dense")
-    if not ok:
-        raise ValueError(
-            f"Dataset name {name!r}: expected maze2d-<{'|'.join(LAYOUTS)}>[-dense]-v1 (open: -v0)."
-        )
-    return parts[1], len(parts) == 4
 
 
 def q_iteration(

@@ -86,6 +86,18 @@ def free_cells(maze: str) -> list[tuple[int, int]]:
     return empty + [goal]
 
 
+def parse_maze_name(name: str) -> tuple[str, bool]:
+    """`maze2d-umaze-v1` -> ("umaze", False); `maze2d-large-dense-v1` -> ("large", True)."""
+    parts = name.split("-")
+    ok = len(parts) in (3, 4) and parts[0] == "maze2d" and parts[1] in LAYOUTS
+    ok = ok and parts[-1] in ("v0", "v1") and (len(parts) == 3 or parts[2] == "dense")
+    if not ok:
+        raise ValueError(
+            f"Dataset name {name!r}: expected maze2d-<{'|'.join(LAYOUTS)}>[-dense]-v1 (open: -v0)."
+        )
+    return parts[1], len(parts) == 4
+
+
 def maze_xml(maze: str) -> str:
     """MJCF of D4RL's point maze for a layout (walls at world (i+1, j+1), body at (1.2, 1.2))."""
     walls, _ = parse_layout(maze)
