@@ -96,8 +96,9 @@ class WaypointController:
         for _ in range(100):  # D4RL's rollout cap
             move = MOVES[int(np.argmax(q[cell]))]
             nxt = (cell[0] + int(move[0]), cell[1] + int(move[1]))
-            if self.walls[nxt]:  # illegal move is a NOOP
-                nxt = cell
+            rows, cols = self.walls.shape
+            if not (0 <= nxt[0] < rows and 0 <= nxt[1] < cols) or self.walls[nxt]:
+                nxt = cell  # an illegal move is a NOOP
             if nxt == target:
                 waypoints.append((float(nxt[0]), float(nxt[1])))
                 break
