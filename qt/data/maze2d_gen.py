@@ -202,7 +202,9 @@ def generate(
     if ref_episodes < 0:
         raise ValueError(f"ref_episodes={ref_episodes}: expected 0 or more episodes.")
     t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
+    # separate streams for the noise and for everything else, so that a shorter dataset is
+    # exactly the beginning of a longer one with the same seed
+    rng, noise_rng = np.random.default_rng(seed).spawn(2)
     env = Maze2DEnv(maze, dense)
     model, data = env.model, env.data
     limit = TIME_LIMITS[maze] if max_episode_steps is None else int(max_episode_steps)
@@ -222,13 +224,15 @@ def generate(
     s = (*data.qpos, *data.qvel)  # the observation the script holds (may go stale)
     if action_noise < 0:
         raise ValueError(f"action_noise={action_noise}: expected a standard deviation >= 0.")
-    noise = rng.standard_normal((steps, 2)) * action_noise if action_noise > 0 else None
+    block = 8192
     ts = 0
     for t in range(steps):
         ax, ay, done = controller.act(s[0], s[1], s[2], s[3], (goal[0], goal[1]))
-        if noise is not None:
-            ax = min(max(ax + noise[t, 0], -1.0), 1.0)
-            ay = min(max(ay + noise[t, 1], -1.0), 1.0)
+        if action_noise > 0:
+            if t % block == 0:  # draw the noise in blocks: the same stream as one by one
+                noise = noise_rng.standard_normal((block, 2)) * action_noise
+            ax = min(max(ax + noise[t % block, 0], -1.0), 1.0)
+            ay = min(max(ay + noise[t % block, 1], -1.0), 1.0)
         if ts >= limit:
             done = True
         obs[t] = s
