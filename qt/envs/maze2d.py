@@ -100,7 +100,7 @@ def parse_maze_name(name: str) -> tuple[str, bool]:
 
 def maze_xml(maze: str) -> str:
     """MJCF of D4RL's point maze for a layout (walls at world (i+1, j+1), body at (1.2, 1.2))."""
-    walls, _ = parse_layout(maze)
+    walls, goal = parse_layout(maze)
     wall_geoms = "\n".join(
         f'    <geom name="wall_{i}_{j}" type="box" pos="{i + 1.0} {j + 1.0} 0" '
         f'size="0.5 0.5 0.2" conaffinity="1" material="wall"/>'
@@ -130,7 +130,7 @@ def maze_xml(maze: str) -> str:
       <joint name="ball_x" type="slide" pos="0 0 0" axis="1 0 0"/>
       <joint name="ball_y" type="slide" pos="0 0 0" axis="0 1 0"/>
     </body>
-    <site name="target_site" pos="0 0 0" size="0.2" material="target"/>
+    <site name="target_site" pos="{goal[0] + 1.0} {goal[1] + 1.0} 0" size="0.2" material="target"/>
 {wall_geoms}
   </worldbody>
   <actuator>
@@ -181,6 +181,7 @@ class Maze2DEnv(gym.Env):
         self.target = np.asarray(target, dtype=np.float64).copy()
         # D4RL draws the marker at target + 1 (not + 1.2): cosmetic only.
         self.model.site_pos[self._target_site] = [self.target[0] + 1.0, self.target[1] + 1.0, 0.0]
+        mujoco.mj_kinematics(self.model, self.data)  # so a render shows the marker moved
 
     def reward(self, xy: np.ndarray) -> float:
         """D4RL's reward at position xy against the current target."""
@@ -230,7 +231,7 @@ class Maze2DEnv(gym.Env):
             self._renderer = mujoco.Renderer(self.model, 480, 480)
         cam = mujoco.MjvCamera()
         cam.lookat[:] = [self.walls.shape[0] / 2 + 0.5, self.walls.shape[1] / 2 + 0.5, 0.0]
-        cam.distance, cam.elevation, cam.azimuth = 1.6 * max(self.walls.shape), -90.0, 90.0
+        cam.distance, cam.elevation, cam.azimuth = 1.6 * max(self.walls.shape), -90.0, 180.0
         self._renderer.update_scene(self.data, camera=cam)
         return self._renderer.render()
 
