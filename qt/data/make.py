@@ -111,14 +111,25 @@ def generate(
     if family == "maze2d":
         from qt.data import maze2d_gen
 
-        return maze2d_gen.generate(name, steps=steps, seed=seed, progress=progress, **extra)
-    if family in LOCOMOTION:
-        from qt.data import locomotion_gen  # written in parallel; imported only when used
-
-        return locomotion_gen.generate(name, steps=steps, work_dir=work_dir, seed=seed, **extra)
-    raise ValueError(
-        f"Dataset name {name!r}: expected a maze2d-* or {'/'.join(LOCOMOTION)}-* qt task name."
-    )
+        make, kwargs = maze2d_gen.generate, {"progress": progress}
+    elif family in LOCOMOTION:
+        try:
+            from qt.data import locomotion_gen  # imported only when used
+        except ImportError as err:
+            raise ValueError(
+                f"Dataset {name!r} needs qt.data.locomotion_gen, which could not be imported ({err})."
+            ) from err
+        make, kwargs = locomotion_gen.generate, {"work_dir": work_dir}
+    else:
+        raise ValueError(
+            f"Dataset name {name!r}: expected a maze2d-* or {'/'.join(LOCOMOTION)}-* qt task name."
+        )
+    try:
+        return make(name, steps=steps, seed=seed, **kwargs, **extra)
+    except TypeError as err:  # an extra option the generator does not take
+        if "unexpected keyword argument" in str(err):
+            raise ValueError(f"Option not accepted by the {family} generator: {err}.") from err
+        raise
 
 
 def summary(ds: GeneratedDataset, seconds: float) -> str:
@@ -208,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             extra=extra,
             progress=progress,
         )
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError) as err:
         progress.close()
         print(f"error: {err}", file=sys.stderr)
         return 2

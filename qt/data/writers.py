@@ -47,13 +47,27 @@ def episode_bounds(terminals: np.ndarray, timeouts: np.ndarray) -> list[tuple[in
 
 
 def _eval_env_spec(env_id: str) -> gym.envs.registration.EnvSpec | None:
-    """The gymnasium spec registered for a qt task (e.g. `qt/maze2d-umaze-v1`), if any."""
+    """The gymnasium spec of a qt task's evaluation env, when one can be had.
+
+    Maze tasks have registered ids (`qt/maze2d-umaze-v1`); other families ask the env
+    factory `qt.envs.make_env` (its env's spec, e.g. `Hopper-v4`). None when neither works:
+    the dataset then names its task in the `qt_metadata` entry only.
+    """
     import qt.envs.maze2d  # noqa: F401  (registers the maze ids)
 
     try:
         return gym.spec(f"qt/{env_id}")
     except gym.error.Error:
+        pass
+    try:
+        from qt.envs import make_env
+
+        env = make_env(env_id)
+    except (ImportError, ValueError, gym.error.Error):
         return None
+    spec = env.spec
+    env.close()
+    return spec
 
 
 @contextmanager

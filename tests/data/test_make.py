@@ -190,3 +190,36 @@ def test_extra_options_are_parsed_for_the_generators():
     }
     with pytest.raises(ValueError, match="expected --option"):
         make._parse_extra(["stray"])
+
+
+def test_locomotion_names_go_to_the_locomotion_generator(tmp_path, monkeypatch, small):
+    import sys
+    import types
+
+    seen = {}
+
+    def fake_generate(name, *, steps, work_dir, seed, sac_steps=0):
+        seen.update(name=name, steps=steps, work_dir=work_dir, seed=seed, sac_steps=sac_steps)
+        return GeneratedDataset(
+            name=name,
+            arrays={k: v[:300] for k, v in small.arrays.items() if "/" not in k},
+            env_id=name,
+            ref_min_score=-20.0,
+            ref_max_score=3234.3,
+            algorithm_name="fake SAC",
+        )
+
+    module = types.ModuleType("qt.data.locomotion_gen")
+    module.generate = fake_generate
+    monkeypatch.setitem(sys.modules, "qt.data.locomotion_gen", module)
+    import qt.data
+
+    monkeypatch.setattr(qt.data, "locomotion_gen", module, raising=False)
+    root = tmp_path / "data" / "minari"
+    argv = ["hopper-medium-v2", "--steps", "300", "--out", str(root), "--seed", "4"]
+    assert make.main(argv + ["--sac-steps", "1000", "--work-dir", str(tmp_path / "w")]) == 0
+    assert seen == dict(
+        name="hopper-medium-v2", steps=300, work_dir=tmp_path / "w", seed=4, sac_steps=1000
+    )
+    assert load(root, "hopper-medium-v2").total_steps == 300
+    assert make.main(argv + ["--force", "--bogus", "1"]) == 2  # option the generator lacks
