@@ -17,7 +17,9 @@ This module owns the waypoint controller and the generation of `maze2d-*` datase
 - rewards as D4RL relabelled them (scripts/generation/relabel_maze2d_rewards.py): from the
   stored observation, against the maze's fixed evaluation goal, sparse or dense
   (`reward_goal="current"` measures against the goal being driven to instead, which is
-  not what D4RL's files hold); `terminals` all False.
+  not what D4RL's files hold); `terminals` all False. Note that the dataset rewards the
+  position *before* each step while the environment rewards the position after it: both
+  as in D4RL.
 
 D4RL's quirks kept on purpose (each is what its released files contain): an episode that
 times out holds max_episode_steps + 1 steps; after a flagged step the stored observation is
