@@ -1,0 +1,236 @@
+"""`python -m qt.data.make NAME`: generate a dataset by the D4RL protocol and write it.
+
+Owns the command line that dispatches a qt task name to its generator (maze2d-* here,
+hopper/halfcheetah/walker2d-* in `qt.data.locomotion_gen`) and writes the result as a
+Minari dataset (and, with --d4rl-hdf5, as a D4RL-format hdf5 file), atomically.
+Options the parser does not know (e.g. `--sac-steps 300000`) are passed to the
+locomotion generator as keyword arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qt.data.generated import GeneratedDataset
+from qt.data.writers import episode_bounds, write_d4rl_hdf5, write_minari
+
+LOCOMOTION = ("hopper", "halfcheetah", "walker2d")
+DEFAULT_MINARI_ROOT = Path("data") / "minari"
+
+
+def default_minari_root() -> Path:
+    """MINARI_DATASETS_PATH when set, else ./data/minari."""
+    env = os.environ.get("MINARI_DATASETS_PATH")
+    return Path(env) if env else DEFAULT_MINARI_ROOT
+
+
+def _hdf5_file_name(name: str) -> str:
+    """The D4RL file name of a task (registry first, else `<name>.hdf5`)."""
+    try:
+        from qt.tasks import get_task
+
+        return get_task(name).dataset_file
+    except ValueError:
+        pass
+    if name.startswith("maze2d-"):  # D4RL's naming: maze2d-umaze-sparse-v1.hdf5
+        from qt.data.maze2d_gen import parse_name
+
+        maze, dense = parse_name(name)
+        return f"maze2d-{maze}-{'dense' if dense else 'sparse'}-{name.rsplit('-', 1)[1]}.hdf5"
+    return f"{name}.hdf5"
+
+
+def _parse_extra(extra: list[str]) -> dict[str, object]:
+    """`--sac-steps 300000 --flag` -> {"sac_steps": 300000, "flag": True}."""
+    out: dict[str, object] = {}
+    i = 0
+    while i < len(extra):
+        key = extra[i]
+        if not key.startswith("--") or len(key) < 3:
+            raise ValueError(f"Unexpected argument {key!r}: expected --option [value].")
+        value: object = True
+        if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            raw = extra[i + 1]
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    value = raw
+            i += 1
+        out[key[2:].replace("-", "_")] = value
+        i += 1
+    return out
+
+
+class _Progress:
+    """A tqdm bar over generation steps (steps, rate, time left)."""
+
+    def __init__(self, total: int | None, name: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=name, unit="step", unit_scale=True, dynamic_ncols=True)
+        self.done = 0
+
+    def __call__(self, done: int) -> None:
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _total_steps(name: str, steps: int | None) -> int | None:
+    if steps is not None or not name.startswith("maze2d-"):
+        return steps
+    from qt.data.maze2d_gen import D4RL_STEPS, parse_name
+
+    try:
+        return D4RL_STEPS[parse_name(name)[0]]
+    except ValueError:
+        return None
+
+
+def generate(
+    name: str,
+    *,
+    steps: int | None,
+    seed: int,
+    work_dir: Path,
+    extra: dict,
+    progress: _Progress | None = None,
+) -> GeneratedDataset:
+    """Dispatch NAME to its family's generator (the locomotion one draws its own bars)."""
+    family = name.split("-", 1)[0]
+    if family == "maze2d":
+        from qt.data import maze2d_gen
+
+        make, kwargs = maze2d_gen.generate, {"progress": progress}
+    elif family in LOCOMOTION:
+        try:
+            from qt.data import locomotion_gen  # imported only when used
+        except ImportError as err:
+            raise ValueError(
+                f"Dataset {name!r} needs qt.data.locomotion_gen, which could not be imported ({err})."
+            ) from err
+        make, kwargs = locomotion_gen.generate, {"work_dir": work_dir}
+    else:
+        raise ValueError(
+            f"Dataset name {name!r}: expected a maze2d-* or {'/'.join(LOCOMOTION)}-* qt task name."
+        )
+    try:
+        return make(name, steps=steps, seed=seed, **kwargs, **extra)
+    except TypeError as err:  # an extra option the generator does not take
+        if "unexpected keyword argument" in str(err):
+            raise ValueError(f"Option not accepted by the {family} generator: {err}.") from err
+        raise
+
+
+def summary(ds: GeneratedDataset, seconds: float) -> str:
+    """A few lines: steps, episodes, mean episode return, reference scores, time."""
+    a = ds.arrays
+    bounds = episode_bounds(a["terminals"], a["timeouts"])
+    returns = np.add.reduceat(np.asarray(a["rewards"], np.float64), [s for s, _ in bounds])
+    lengths = np.array([e - s for s, e in bounds])
+    return "\n".join(
+        [
+            f"dataset        {ds.name} (evaluation env {ds.env_id})",
+            f"steps          {len(a['rewards'])}",
+            f"episodes       {len(bounds)} (length mean {lengths.mean():.1f}, max {lengths.max()})",
+            f"return         mean {returns.mean():.3f}, std {returns.std():.3f}, max {returns.max():.3f}",
+            f"reward         mean per step {np.mean(a['rewards']):.4f}",
+            f"ref scores     min {ds.ref_min_score:.2f}, max {ds.ref_max_score:.2f}",
+            f"time           {seconds:.1f} s",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m qt.data.make", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("name", help="qt task name, e.g. maze2d-umaze-v1 or hopper-medium-v2")
+    parser.add_argument("--steps", type=int, default=None, help="dataset size (default: D4RL's)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="Minari root (default: $MINARI_DATASETS_PATH or ./data/minari)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--d4rl-hdf5", action="store_true", help="also write a D4RL-format hdf5 file"
+    )
+    parser.add_argument(
+        "--hdf5-out",
+        type=Path,
+        default=None,
+        help="hdf5 path (default: <out>/../d4rl/<dataset_file>)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="locomotion: policy checkpoints (default: <out>/../work/<name>)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing dataset")
+    args, unknown = parser.parse_known_args(argv)
+    try:
+        extra = _parse_extra(unknown)
+        family = args.name.split("-", 1)[0]
+        if family == "maze2d":
+            from qt.data.maze2d_gen import parse_name
+
+            parse_name(args.name)
+        elif family not in LOCOMOTION:
+            raise ValueError(
+                f"Dataset name {args.name!r}: expected a maze2d-* or {'/'.join(LOCOMOTION)}-* qt task name."
+            )
+        root = args.out or default_minari_root()
+        hdf5_path = args.hdf5_out or root.resolve().parent / "d4rl" / _hdf5_file_name(args.name)
+        work_dir = args.work_dir or root.resolve().parent / "work" / args.name
+        # refuse before spending minutes generating
+        if (root / "qt" / args.name).exists() and not args.force:
+            raise FileExistsError(
+                f"Dataset {root / 'qt' / args.name} already exists: pass --force to replace it."
+            )
+        if args.d4rl_hdf5 and hdf5_path.exists() and not args.force:
+            raise FileExistsError(
+                f"Dataset file {hdf5_path} already exists: pass --force to replace it."
+            )
+    except (ValueError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    progress = _Progress(_total_steps(args.name, args.steps), args.name)
+    try:
+        ds = generate(
+            args.name,
+            steps=args.steps,
+            seed=args.seed,
+            work_dir=work_dir,
+            extra=extra,
+            progress=progress,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        progress.close()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    progress.close()
+    path = write_minari(ds, root, force=args.force)
+    print(f"wrote Minari dataset qt/{ds.name} to {path}")
+    if args.d4rl_hdf5:
+        print(f"wrote D4RL hdf5 to {write_d4rl_hdf5(ds, hdf5_path, force=args.force)}")
+    print(summary(ds, time.perf_counter() - t0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Writers for generated datasets: Minari (through Minari's own API) and D4RL-format hdf5.
+
+Both are atomic: the dataset is written into a temporary sibling and renamed into place
+only once complete, so a generation stopped at any point leaves no dataset that loads. An
+existing dataset is replaced only when `force=True` (the old one is kept until the new one
+is in place).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import gymnasium as gym
+import h5py
+import numpy as np
+
+from qt.data.generated import D4RL_KEYS, GeneratedDataset
+
+AUTHOR = "qt"
+AUTHOR_EMAIL = "qt@users.noreply.github.com"
+CODE_PERMALINK = "https://github.com/qt-offline-rl/qt"
+
+
+def minari_id(name: str) -> str:
+    """The Minari dataset id of a qt dataset: `qt/<name>`."""
+    return f"qt/{name}"
+
+
+def episode_bounds(terminals: np.ndarray, timeouts: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each episode: one ends at every step flagged terminal or timeout.
+
+    Steps after the last flagged one form a trailing episode too (the writer keeps every
+    step; readers drop unfinished trailing episodes as QT_SPEC §1 says).
+    """
+    ends = np.flatnonzero(np.asarray(terminals, bool) | np.asarray(timeouts, bool)) + 1
+    n = len(terminals)
+    if len(ends) == 0 or ends[-1] != n:
+        ends = np.append(ends, n)
+    starts = np.concatenate([[0], ends[:-1]])
+    return [(int(s), int(e)) for s, e in zip(starts, ends) if e > s]
+
+
+def _eval_env_spec(env_id: str) -> gym.envs.registration.EnvSpec | None:
+    """The gymnasium spec of a qt task's evaluation env, when one can be had.
+
+    Maze tasks have registered ids (`qt/maze2d-umaze-v1`); other families ask the env
+    factory `qt.envs.make_env` (its env's spec, e.g. `Hopper-v4`). None when neither works:
+    the dataset then names its task in the `qt_metadata` entry only.
+    """
+    import qt.envs.maze2d  # noqa: F401  (registers the maze ids)
+
+    try:
+        return gym.spec(f"qt/{env_id}")
+    except gym.error.Error:
+        pass
+    try:
+        from qt.envs import make_env
+
+        env = make_env(env_id)
+    except (ImportError, ValueError, gym.error.Error):
+        return None
+    spec = env.spec
+    env.close()
+    return spec
+
+
+@contextmanager
+def _atomic_dir(final: Path, scratch_parent: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory in `scratch_parent` (outside any dataset root, on the same
+    file system) and remove it when the caller fails; the caller moves its result into place."""
+    if final.exists() and not force:
+        raise FileExistsError(
+            f"Dataset {final} already exists: pass force=True (--force) to replace it."
+        )
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.writing-", dir=scratch_parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(src: Path, final: Path) -> None:
+    """Rename src to final; an existing final is moved aside first and removed after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(src, final)
+    if old is not None and old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old is not None:
+        old.unlink()
+
+
+def write_minari(
+    ds: GeneratedDataset,
+    root: str | os.PathLike,
+    *,
+    force: bool = False,
+    description: str | None = None,
+) -> Path:
+    """Write `ds` as the Minari dataset `qt/<name>` under the Minari root `root`; return its path.
+
+    Episodes are split at terminals|timeouts; each episode's final observation is the
+    stream's next observation (the last one repeats when the stream ends).
+    """
+    import minari
+
+    root = Path(root)
+    final = root / "qt" / ds.name
+    obs = np.asarray(ds.arrays["observations"], dtype=np.float32)
+    act = np.asarray(ds.arrays["actions"], dtype=np.float32)
+    rew = np.asarray(ds.arrays["rewards"], dtype=np.float32)
+    term = np.asarray(ds.arrays["terminals"], dtype=bool)
+    tout = np.asarray(ds.arrays["timeouts"], dtype=bool)
+    n = len(rew)
+    buffers = []
+    for k, (s, e) in enumerate(episode_bounds(term, tout)):
+        nxt = obs[e] if e < n else obs[e - 1]
+        buffers.append(
+            minari.data_collector.EpisodeBuffer(
+                id=k,
+                observations=np.concatenate([obs[s:e], nxt[None]]),  # (T+1, S)
+                actions=act[s:e],
+                rewards=rew[s:e],
+                terminations=term[s:e],
+                truncations=tout[s:e],
+                infos={},
+            )
+        )
+    spec = _eval_env_spec(ds.env_id)
+    obs_space = gym.spaces.Box(-np.inf, np.inf, shape=obs.shape[1:], dtype=np.float32)
+    act_space = gym.spaces.Box(-1.0, 1.0, shape=act.shape[1:], dtype=np.float32)
+    meta = dict(ds.metadata, qt_task=ds.env_id)
+    # Minari would estimate a missing ref_min_score itself; store both or neither
+    has_no_refs = not (np.isfinite(ds.ref_min_score) and np.isfinite(ds.ref_max_score))
+    text = description or (
+        f"{ds.name}: generated by qt with {ds.algorithm_name}; evaluation env: qt task {ds.env_id}."
+    )
+    with _atomic_dir(final, root.resolve().parent, force) as tmp:
+        previous = os.environ.get("MINARI_DATASETS_PATH")
+        os.environ["MINARI_DATASETS_PATH"] = str(tmp)
+        try:
+            dataset = minari.create_dataset_from_buffers(
+                dataset_id=minari_id(ds.name),
+                buffer=buffers,
+                env=spec,
+                eval_env=spec,
+                algorithm_name=ds.algorithm_name,
+                author=AUTHOR,
+                author_email=AUTHOR_EMAIL,
+                code_permalink=CODE_PERMALINK,
+                action_space=act_space,
+                observation_space=obs_space,
+                ref_min_score=None if has_no_refs else ds.ref_min_score,
+                ref_max_score=None if has_no_refs else ds.ref_max_score,
+                description=text,
+            )
+            dataset.storage.update_metadata({"qt_metadata": json.dumps(meta, sort_keys=True)})
+        finally:
+            if previous is None:
+                os.environ.pop("MINARI_DATASETS_PATH", None)
+            else:
+                os.environ["MINARI_DATASETS_PATH"] = previous
+        written = tmp / "qt" / ds.name
+        (root / "qt").mkdir(parents=True, exist_ok=True)
+        # Minari's namespace metadata, so `minari list local` shows the namespace
+        ns_meta = tmp / "qt" / "namespace_metadata.json"
+        if ns_meta.exists() and not (root / "qt" / ns_meta.name).exists():
+            shutil.copy2(ns_meta, root / "qt" / ns_meta.name)
+        _swap_into_place(written, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def write_d4rl_hdf5(ds: GeneratedDataset, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write `ds` as a D4RL-format hdf5 file (flat arrays; reference scores as attributes)."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(
+            f"Dataset file {path} already exists: pass force=True (--force) to replace it."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.writing-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, value in ds.arrays.items():
+                value = np.asarray(value)
+                if key in ("terminals", "timeouts"):
+                    value = value.astype(bool)
+                elif value.dtype == np.float64:
+                    value = value.astype(np.float32)
+                f.create_dataset(key, data=value, compression="gzip")
+            # D4RL files keep metadata as scalar datasets under metadata/; attrs for convenience
+            for key, value in (
+                ("name", ds.name),
+                ("env_id", ds.env_id),
+                ("ref_min_score", ds.ref_min_score),
+                ("ref_max_score", ds.ref_max_score),
+                ("algorithm_name", ds.algorithm_name),
+            ):
+                f.attrs[key] = value
+                f[f"metadata/{key}"] = value
+            f.attrs["qt_metadata"] = json.dumps(ds.metadata, sort_keys=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a dataset is not
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+__all__ = ["D4RL_KEYS", "episode_bounds", "minari_id", "write_d4rl_hdf5", "write_minari"]

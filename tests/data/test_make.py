@@ -1,0 +1,225 @@
+"""Writers and the `qt.data.make` CLI: Minari and D4RL-hdf5 round trips, atomicity, --force."""
+
+import json
+import os
+
+import h5py
+import minari
+import numpy as np
+import pytest
+
+from qt.data import make, writers
+from qt.data.generated import GeneratedDataset
+from qt.data.maze2d_gen import generate
+
+
+@pytest.fixture(scope="module")
+def small():
+    return generate("maze2d-umaze-v1", steps=2500, seed=1, ref_episodes=2, max_episode_steps=50)
+
+
+def load(root, name="maze2d-umaze-v1"):
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        return minari.load_dataset(f"qt/{name}")
+    finally:
+        if old is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def flat_from_minari(ds):
+    keys = ("observations", "actions", "rewards", "terminations", "truncations")
+    parts = {k: [] for k in keys}
+    for ep in ds.iterate_episodes():
+        assert len(ep.observations) == len(ep.rewards) + 1
+        parts["observations"].append(ep.observations[:-1])
+        for k in keys[1:]:
+            parts[k].append(getattr(ep, k))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def test_episode_bounds_against_a_loop():
+    rng = np.random.default_rng(0)
+    term, tout = rng.random(300) < 0.02, rng.random(300) < 0.03
+    expect, start = [], 0
+    for t in range(300):
+        if term[t] or tout[t]:
+            expect.append((start, t + 1))
+            start = t + 1
+    if start < 300:
+        expect.append((start, 300))
+    assert writers.episode_bounds(term, tout) == expect
+
+
+def test_minari_round_trip(tmp_path, small):
+    path = writers.write_minari(small, tmp_path / "minari")
+    assert path == tmp_path / "minari" / "qt" / "maze2d-umaze-v1"
+    ds = load(tmp_path / "minari")
+    flat = flat_from_minari(ds)
+    a = small.arrays
+    np.testing.assert_array_equal(flat["observations"], a["observations"])
+    np.testing.assert_array_equal(flat["actions"], a["actions"])
+    np.testing.assert_array_equal(flat["rewards"], a["rewards"])
+    np.testing.assert_array_equal(flat["terminations"], a["terminals"])
+    np.testing.assert_array_equal(flat["truncations"], a["timeouts"])
+    assert ds.total_steps == len(a["rewards"])
+    assert ds.total_episodes == int(a["timeouts"].sum()) + (not a["timeouts"][-1])
+    meta = ds.storage.metadata
+    assert meta["ref_min_score"] == pytest.approx(small.ref_min_score)
+    assert meta["ref_max_score"] == pytest.approx(small.ref_max_score)
+    assert meta["algorithm_name"] == small.algorithm_name
+    assert meta["author"] == {"qt"}
+    assert json.loads(meta["qt_metadata"])["qt_task"] == "maze2d-umaze-v1"
+    env = ds.recover_environment(eval_env=True)
+    assert env.spec.max_episode_steps == 300 and env.observation_space.shape == (4,)
+    # no scratch directories left beside or inside the root
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["minari"]
+
+
+def test_d4rl_hdf5_round_trip(tmp_path, small):
+    path = writers.write_d4rl_hdf5(small, tmp_path / "d4rl" / "maze2d-umaze-sparse-v1.hdf5")
+    with h5py.File(path, "r") as f:
+        for key, value in small.arrays.items():
+            np.testing.assert_array_equal(f[key][()], value)
+        assert f["terminals"].dtype == bool and f["timeouts"].dtype == bool
+        assert f.attrs["ref_min_score"] == pytest.approx(small.ref_min_score)
+        assert f["metadata/ref_max_score"][()] == pytest.approx(small.ref_max_score)
+    assert os.listdir(tmp_path / "d4rl") == ["maze2d-umaze-sparse-v1.hdf5"]
+
+
+def test_a_stopped_minari_write_leaves_nothing_that_loads(tmp_path, small, monkeypatch):
+    from minari.dataset._storages import hdf5_storage
+
+    real = hdf5_storage.HDF5Storage.update_episodes
+
+    def crash(self, episodes):
+        real(self, list(episodes)[:5])  # some episodes are on disk already
+        raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(hdf5_storage.HDF5Storage, "update_episodes", crash)
+    with pytest.raises(KeyboardInterrupt):
+        writers.write_minari(small, tmp_path / "minari")
+    with pytest.raises(Exception):  # noqa: B017 (Minari raises its own errors)
+        load(tmp_path / "minari")
+    assert not (tmp_path / "minari" / "qt" / "maze2d-umaze-v1").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_stopped_hdf5_write_leaves_no_file(tmp_path, small, monkeypatch):
+    calls = {"n": 0}
+    real = h5py.Group.create_dataset
+
+    def crash(self, name, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("stopped")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", crash)
+    target = tmp_path / "x.hdf5"
+    with pytest.raises(KeyboardInterrupt):
+        writers.write_d4rl_hdf5(small, target)
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_datasets_are_replaced_only_with_force(tmp_path, small):
+    root = tmp_path / "minari"
+    writers.write_minari(small, root)
+    other = GeneratedDataset(
+        name=small.name,
+        arrays={k: v[:100] for k, v in small.arrays.items()},
+        env_id=small.env_id,
+        ref_min_score=1.0,
+        ref_max_score=2.0,
+        algorithm_name="other",
+    )
+    with pytest.raises(FileExistsError, match="--force"):
+        writers.write_minari(other, root)
+    assert load(root).total_steps == 2500
+    writers.write_minari(other, root, force=True)
+    assert load(root).total_steps == 100
+    h5 = tmp_path / "d.hdf5"
+    writers.write_d4rl_hdf5(small, h5)
+    with pytest.raises(FileExistsError, match="--force"):
+        writers.write_d4rl_hdf5(other, h5)
+    writers.write_d4rl_hdf5(other, h5, force=True)
+    with h5py.File(h5, "r") as f:
+        assert len(f["rewards"]) == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.hdf5", "minari"]
+
+
+def test_cli_writes_both_formats_and_refuses_to_overwrite(tmp_path, capsys):
+    root = tmp_path / "data" / "minari"
+    args = [
+        "maze2d-umaze-v1",
+        "--steps",
+        "1500",
+        "--out",
+        str(root),
+        "--d4rl-hdf5",
+        "--ref-episodes",
+        "2",
+    ]
+    assert make.main(args) == 0
+    out = capsys.readouterr().out
+    assert "steps          1500" in out and "ref scores" in out
+    h5 = tmp_path / "data" / "d4rl" / "maze2d-umaze-sparse-v1.hdf5"
+    with h5py.File(h5, "r") as f:
+        rewards = f["rewards"][()]
+        timeouts = f["timeouts"][()]
+    flat = flat_from_minari(load(root))
+    np.testing.assert_array_equal(flat["rewards"], rewards)
+    np.testing.assert_array_equal(flat["truncations"], timeouts)
+    before = h5.stat().st_mtime_ns
+    assert make.main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert h5.stat().st_mtime_ns == before
+    assert make.main(["maze2d-huge-v1", "--out", str(root)]) == 2
+    assert make.main(["ant-medium-v2", "--out", str(root)]) == 2
+
+
+def test_extra_options_are_parsed_for_the_generators():
+    assert make._parse_extra(["--sac-steps", "300000", "--lr", "3e-4", "--tag", "x", "--flag"]) == {
+        "sac_steps": 300000,
+        "lr": 3e-4,
+        "tag": "x",
+        "flag": True,
+    }
+    with pytest.raises(ValueError, match="expected --option"):
+        make._parse_extra(["stray"])
+
+
+def test_locomotion_names_go_to_the_locomotion_generator(tmp_path, monkeypatch, small):
+    import sys
+    import types
+
+    seen = {}
+
+    def fake_generate(name, *, steps, work_dir, seed, sac_steps=0):
+        seen.update(name=name, steps=steps, work_dir=work_dir, seed=seed, sac_steps=sac_steps)
+        return GeneratedDataset(
+            name=name,
+            arrays={k: v[:300] for k, v in small.arrays.items() if "/" not in k},
+            env_id=name,
+            ref_min_score=-20.0,
+            ref_max_score=3234.3,
+            algorithm_name="fake SAC",
+        )
+
+    module = types.ModuleType("qt.data.locomotion_gen")
+    module.generate = fake_generate
+    monkeypatch.setitem(sys.modules, "qt.data.locomotion_gen", module)
+    import qt.data
+
+    monkeypatch.setattr(qt.data, "locomotion_gen", module, raising=False)
+    root = tmp_path / "data" / "minari"
+    argv = ["hopper-medium-v2", "--steps", "300", "--out", str(root), "--seed", "4"]
+    assert make.main(argv + ["--sac-steps", "1000", "--work-dir", str(tmp_path / "w")]) == 0
+    assert seen == dict(
+        name="hopper-medium-v2", steps=300, work_dir=tmp_path / "w", seed=4, sac_steps=1000
+    )
+    assert load(root, "hopper-medium-v2").total_steps == 300
+    assert make.main(argv + ["--force", "--bogus", "1"]) == 2  # option the generator lacks
