@@ -26,6 +26,8 @@ class QTModule(L.LightningModule):
         state_dim, act_dim, K, max_ep_len, scale, env_targets, state_mean, state_std: facts of
             the data, linked from the data module by the CLI (never typed in a config).
         hidden_size, n_layer, n_head, dropout: actor width/depth (the critic shares the width).
+        embed_dropout: dropout on the actor's token embeddings; the reference's GPT-2 keeps
+            its default 0.1 whatever `dropout` is.
         sar: tokens (s, a, r) instead of (R, s, a), with a reward head.
         learning_rate, weight_decay: the actor's Adam. critic_lr: the critic's Adam (no decay).
         lr_decay, lr_min, max_iters: cosine annealing of both learning rates, stepped once per
@@ -55,6 +57,7 @@ class QTModule(L.LightningModule):
         n_layer: int = 4,
         n_head: int = 4,
         dropout: float = 0.1,
+        embed_dropout: float = 0.1,
         sar: bool = False,
         learning_rate: float = 3e-4,
         weight_decay: float = 1e-4,
@@ -88,6 +91,7 @@ class QTModule(L.LightningModule):
         self.actor = QTActor(
             state_dim, act_dim, hidden_size=hidden_size, n_layer=n_layer, n_head=n_head, K=K,
             max_ep_len=max_ep_len, dropout=dropout, sar=sar, scale=scale,
+            embed_dropout=embed_dropout,
         )  # fmt: skip
         self.critic = TwinCritic(state_dim, act_dim, hidden_size=hidden_size)
         # Target copies start as exact copies; they learn only through TargetNetworks.
@@ -105,6 +109,17 @@ class QTModule(L.LightningModule):
         self.register_buffer("state_std", std.float())
         # eta2 changes every iteration, so it is state (saved in checkpoints), not a hparam.
         self.register_buffer("eta2", torch.tensor(float(eta2), dtype=torch.float64))
+        # Training steps completed and the seed of the per-step random streams: state, so a
+        # resumed run continues the same streams (see `_step_generators`).
+        self.register_buffer("train_steps", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("rng_seed", torch.tensor(-1, dtype=torch.int64))
+
+        self._steps, self._seed = 0, 0  # host copies of the two, read in the hot path
+
+    def on_fit_start(self) -> None:
+        if int(self.rng_seed) < 0:  # a fresh run: take the seed `seed_everything` set
+            self.rng_seed.fill_(torch.initial_seed() % 2**62)
+        self._steps, self._seed = int(self.train_steps), int(self.rng_seed)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -124,38 +139,41 @@ class QTModule(L.LightningModule):
     def training_step(self, batch: Segments, batch_idx: int) -> None:
         hp = self.hparams
         actor_opt, critic_opt = self.optimizers()
+        coin_gen, noise_gen = self._step_generators()
 
         # ---- critic: n-step targets from the EMA actor and the target critic
-        critic_loss, target_q, rewards = self._critic_loss(batch)
-        self.toggle_optimizer(critic_opt)
+        critic_loss, target_q, rewards = self._critic_loss(batch, noise_gen)
         critic_opt.zero_grad(set_to_none=True)
         self.manual_backward(critic_loss)
         critic_grad_norm = _clip(self.critic.parameters(), hp.grad_norm)
         critic_opt.step()
-        self.untoggle_optimizer(critic_opt)
 
-        # ---- actor: behaviour cloning plus the normalised Q term
+        # ---- actor: behaviour cloning plus the normalised Q term. `rewards` is the batch's
+        # with rewards[:, K-1] zeroed when the critic's targets did so (the reference zeroes
+        # them in place, so its actor and its `sar` reward loss see the zeroed copy).
         out = self.actor(
             batch.states, batch.actions, rewards, batch.rtg[:, :-1], batch.timesteps, batch.mask
         )
         bc_loss = losses.bc_loss(
-            out.action_preds, out.state_preds, out.reward_preds, batch.actions, batch.states,
-            rewards, batch.mask, scale=hp.scale,
+            out.action_preds, batch.actions, out.state_preds, batch.states, batch.mask,
+            reward_preds=out.reward_preds, rewards=rewards, scale=hp.scale,
         )  # fmt: skip
-        valid = batch.mask.reshape(-1) > 0
-        actor_states = batch.states.reshape(-1, hp.state_dim)[valid]
-        actor_actions = out.action_preds.reshape(-1, hp.act_dim)[valid]
-        q1, q2 = self.critic(actor_states, actor_actions)
-        use_q1 = torch.rand((), device=self.device) > 0.5
-        q_loss = losses.q_term(q1, q2, use_q1)
-        actor_loss = self.eta2.float() * bc_loss + hp.eta * q_loss
+        # The Q term reads the critic, which must not learn from it here: the reference
+        # leaves these gradients in the critic and clears them at the next critic step.
+        # Freezing the critic for this forward gives the same parameters and keeps DDP's
+        # gradient buckets for the critic untouched by the actor's backward.
+        self.critic.requires_grad_(False)
+        q1, q2 = self.critic(batch.states, out.action_preds)  # (B, K, 1) each
+        self.critic.requires_grad_(True)
+        q_loss = losses.q_loss(q1, q2, batch.mask, losses.coin_flip(coin_gen))
+        actor_loss = self.eta2.to(bc_loss.dtype) * bc_loss + hp.eta * q_loss
 
-        self.toggle_optimizer(actor_opt)
         actor_opt.zero_grad(set_to_none=True)
         self.manual_backward(actor_loss)
         actor_grad_norm = _clip(self.actor.parameters(), hp.grad_norm)
         actor_opt.step()
-        self.untoggle_optimizer(actor_opt)
+        self._steps += 1
+        self.train_steps.fill_(self._steps)
 
         self.log_dict(
             {
@@ -166,41 +184,54 @@ class QTModule(L.LightningModule):
                 "train/target_q_mean": target_q.mean(),
                 "train/actor_grad_norm": actor_grad_norm,
                 "train/critic_grad_norm": critic_grad_norm,
+                "lr/actor": actor_opt.param_groups[0]["lr"],
+                "lr/critic": critic_opt.param_groups[0]["lr"],
             },
             on_step=True,
             on_epoch=False,
         )
 
-    def _critic_loss(self, batch: Segments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _step_generators(self) -> tuple[torch.Generator, torch.Generator]:
+        """Random streams of this step, functions of (seed, step) only.
+
+        Seeding from the step count (kept in checkpoints) makes a resumed run draw what an
+        uninterrupted one draws. The coin of the Q term and the max_q_backup noise are the same
+        on every rank (one decision per step, as on one process); dropout follows the global
+        generator, reseeded per step and rank.
+        """
+        n, seed = self._steps, self._seed
+        rank = self.global_rank if self._trainer is not None else 0
+        torch.manual_seed(_mix(seed, n, 2 + rank))
+        coin = torch.Generator().manual_seed(_mix(seed, n, 0))
+        noise = torch.Generator().manual_seed(_mix(seed, n, 1))
+        return coin, noise
+
+    def _critic_loss(
+        self, batch: Segments, noise_gen: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Critic loss, its (detached) targets, and the rewards as the actor step must see them."""
         hp = self.hparams
         q1, q2 = self.critic(batch.states, batch.actions)  # (B, K, 1) each
         with torch.no_grad():
             self.ema_actor.train(hp.ema_dropout)
-            rewards = batch.rewards
-            if hp.max_q_backup:
-                rep = losses.repeat_for_max_q_backup(batch, generator=None)
-                next_actions = self.ema_actor(
-                    rep.states, rep.actions, rep.rewards, rep.rtg[:, :-1], rep.timesteps, rep.mask
-                ).action_preds
-                next_states = rep.states
-            else:
-                next_actions = self.ema_actor(
-                    batch.states, batch.actions, batch.rewards, batch.rtg[:, :-1],
-                    batch.timesteps, batch.mask,
-                ).action_preds  # fmt: skip
-                next_states = batch.states
-            target_q, rewards = losses.critic_targets(
-                self.critic_target,
-                next_states,
-                next_actions,
-                batch,
-                discount=hp.discount,
-                scale=hp.scale,
-                k_rewards=hp.k_rewards,
-                use_discount=hp.use_discount,
-                max_q_backup=hp.max_q_backup,
+            repeats = 10 if hp.max_q_backup else 1
+            src = (
+                losses.repeat_for_max_q_backup(batch, repeats, generator=noise_gen)
+                if repeats > 1
+                else batch
             )
+            next_actions = self.ema_actor(
+                src.states, src.actions, src.rewards, src.rtg[:, :-1], src.timesteps, src.mask
+            ).action_preds  # (B*R, K, A)
+            if hp.k_rewards:  # bootstrap from the window's last step only
+                tq1, tq2 = self.critic_target(src.states[:, -1], next_actions[:, -1])  # (B*R, 1)
+            else:
+                tq1, tq2 = self.critic_target(src.states, next_actions)  # (B*R, K, 1)
+            q_next = losses.bootstrap_q(tq1, tq2, repeats)
+            target_q, rewards = losses.critic_targets(
+                batch, q_next, discount=hp.discount, scale=hp.scale,
+                k_rewards=hp.k_rewards, use_discount=hp.use_discount,
+            )  # fmt: skip
         critic_loss = losses.critic_loss(q1, q2, target_q, batch.mask)
         return critic_loss, target_q, rewards
 
@@ -211,15 +242,7 @@ class QTModule(L.LightningModule):
             for scheduler in self.lr_schedulers():
                 scheduler.step()
         self.eta2.div_(hp.lambda_)
-        actor_opt, critic_opt = self.optimizers()
-        self.log_dict(
-            {
-                "lr/actor": actor_opt.param_groups[0]["lr"],
-                "lr/critic": critic_opt.param_groups[0]["lr"],
-                "train/eta2": self.eta2.float(),
-            },
-            on_epoch=True,
-        )
+        self.log("train/eta2", self.eta2.float(), on_epoch=True)
 
     def test_step(self, batch, batch_idx) -> None:
         """Testing is acting in the environment: `qt.callbacks.evaluation` does it."""
@@ -237,6 +260,16 @@ def _clip(params, max_norm: float) -> torch.Tensor:
     params = [p for p in params if p.grad is not None]
     limit = max_norm if max_norm > 0 else math.inf
     return nn.utils.clip_grad_norm_(params, max_norm=limit, norm_type=2.0, foreach=True)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64 over them): distinct inputs, unrelated streams."""
+    x = 0x9E3779B97F4A7C15
+    for part in parts:
+        x = (x ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x >> 1
 
 
 def _check_hparams(**values) -> None:
