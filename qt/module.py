@@ -11,6 +11,7 @@ import copy
 import math
 
 import lightning as L
+from lightning.pytorch.strategies import DDPStrategy
 import torch
 from torch import nn
 
@@ -115,6 +116,14 @@ class QTModule(L.LightningModule):
         self.register_buffer("rng_seed", torch.tensor(-1, dtype=torch.int64))
 
         self._steps, self._seed = 0, 0  # host copies of the two, read in the hot path
+
+    def setup(self, stage: str) -> None:
+        # One batch makes two backward passes (critic, then actor), each reaching only one
+        # network: DDP must look for the parameters a backward leaves unused, or it waits for
+        # their gradients forever. Lightning wraps the module after this hook.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy):
+            strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def on_fit_start(self) -> None:
         if int(self.rng_seed) < 0:  # a fresh run: take the seed `seed_everything` set
