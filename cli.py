@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
 
 from qt.data.datamodule import QTDataModule
 from qt.module import QTModule
@@ -20,6 +21,34 @@ BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "base.yaml"
 
 def _floats(values) -> list[float]:
     return [float(v) for v in values]
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"model.eta": "1.0", ...}; lists and classes stay one value."""
+    if isinstance(tree, dict):
+        flat: dict[str, str] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: str(tree)}
+
+
+class MLflowConfig(SaveConfigCallback):
+    """The resolved config of a run as MLflow params (`config.<key>`) and as `config.yaml`.
+
+    Params are cut to MLflow's length limit by the logger; the YAML artifact is whole and
+    re-runnable (`python cli.py fit --config config.yaml`).
+    """
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
+        if not loggers:
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        flat = _flatten(self.config.as_dict())
+        for logger in loggers:
+            logger.log_hyperparams({f"config.{k}": v for k, v in flat.items()})
+            logger.experiment.log_text(logger.run_id, text, self.config_filename)
 
 
 class QTCLI(LightningCLI):
@@ -53,7 +82,8 @@ def main(args: list[str] | None = None, run: bool = True) -> QTCLI:
         QTDataModule,
         seed_everything_default=123,
         parser_kwargs={"default_config_files": [str(BASE_CONFIG)]},
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=MLflowConfig,
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
         args=args,
         run=run,
     )
