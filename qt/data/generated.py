@@ -31,8 +31,12 @@ class GeneratedDataset:
     def __post_init__(self) -> None:
         missing = [k for k in D4RL_KEYS if k not in self.arrays]
         if missing:
-            raise ValueError(f"GeneratedDataset {self.name!r} lacks arrays {missing}: expected {list(D4RL_KEYS)}.")
+            raise ValueError(
+                f"GeneratedDataset {self.name!r} lacks arrays {missing}: expected {list(D4RL_KEYS)}."
+            )
         n = len(self.arrays["rewards"])
         bad = {k: len(v) for k, v in self.arrays.items() if len(v) != n}
         if bad:
-            raise ValueError(f"GeneratedDataset {self.name!r}: arrays {bad} differ in length from rewards ({n}).")
+            raise ValueError(
+                f"GeneratedDataset {self.name!r}: arrays {bad} differ in length from rewards ({n})."
+            )
