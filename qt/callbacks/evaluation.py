@@ -19,8 +19,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import CatMetric
 
 from qt.envs import make_env
-from qt.evaluation import run_episodes
-from qt.policy import QTPolicy
 from qt.tasks import get_task
 
 
@@ -118,6 +116,9 @@ class Evaluation(L.Callback):
     # ------------------------------------------------------------------ the work
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, seeds: list[int]) -> EvalSummary:
         """Run this rank's share of the episodes and gather every rank's results."""
+        from qt.evaluation import run_episodes  # acting code is loaded only when it acts
+        from qt.policy import QTPolicy
+
         hp = pl_module.hparams
         task_name = self._task_name(trainer)
         ref_min, ref_max = self._ref_scores(trainer, task_name)

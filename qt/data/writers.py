@@ -8,6 +8,7 @@ is in place).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -67,7 +68,21 @@ def _eval_env_spec(env_id: str) -> gym.envs.registration.EnvSpec | None:
         return None
     spec = env.spec
     env.close()
-    return spec
+    return _serialisable(spec)
+
+
+def _serialisable(spec: gym.envs.registration.EnvSpec | None):
+    """`spec`, without the wrappers whose arguments Minari cannot store as JSON (a float32
+    observation cast holds a function), or None when even that cannot be stored."""
+    if spec is None:
+        return None
+    for candidate in (spec, dataclasses.replace(spec, additional_wrappers=())):
+        try:
+            candidate.to_json()
+            return candidate
+        except (TypeError, ValueError, gym.error.Error):
+            continue
+    return None
 
 
 @contextmanager
