@@ -11,8 +11,8 @@ import copy
 import math
 
 import lightning as L
-from lightning.pytorch.strategies import DDPStrategy
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from qt import losses

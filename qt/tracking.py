@@ -36,8 +36,10 @@ class MLFlowLogger(_MLFlowLogger):
         run_id: str | None = None,
     ) -> None:
         uri = tracking_uri or default_tracking_uri(save_dir)
-        if artifact_location is None and uri.startswith("sqlite:///") and not os.environ.get(
-            "MLFLOW_TRACKING_URI"
+        if (
+            artifact_location is None
+            and uri.startswith("sqlite:///")
+            and not os.environ.get("MLFLOW_TRACKING_URI")
         ):
             Path(save_dir).mkdir(parents=True, exist_ok=True)
             artifact_location = (Path(save_dir).resolve() / "mlartifacts").as_uri()

@@ -20,7 +20,9 @@ TASK_CONFIGS = sorted((ROOT / "configs" / "d4rl").glob("*.yaml"))
 
 
 def _load_generator():
-    spec = importlib.util.spec_from_file_location("qt_configs_generate", ROOT / "configs" / "generate.py")
+    spec = importlib.util.spec_from_file_location(
+        "qt_configs_generate", ROOT / "configs" / "generate.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -64,7 +64,9 @@ class MLflowArtifacts(L.Callback):
             for name, keys in PLOTS.items():
                 history = {}
                 for key in keys:
-                    points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+                    points = sorted(
+                        (m.step, m.value) for m in client.get_metric_history(run_id, key)
+                    )
                     if points:
                         history[key] = points
                 if history:

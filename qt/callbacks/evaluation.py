@@ -48,10 +48,14 @@ class EvalSummary:
         """A plain-text table: mean, std, min, max of return, normalised score and length."""
         scores = np.array([self.normalized(float(x)) for x in self.returns])
         rows = [("return", self.returns), ("normalized score", scores), ("length", self.lengths)]
-        lines = [f"{'':<18}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}   ({len(self.returns)} episodes)"]
+        lines = [
+            f"{'':<18}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}   ({len(self.returns)} episodes)"
+        ]
         for name, v in rows:
             v = np.asarray(v, dtype=np.float64)
-            lines.append(f"{name:<18}{v.mean():>10.2f}{v.std():>10.2f}{v.min():>10.2f}{v.max():>10.2f}")
+            lines.append(
+                f"{name:<18}{v.mean():>10.2f}{v.std():>10.2f}{v.min():>10.2f}{v.max():>10.2f}"
+            )
         return "\n".join(lines)
 
 
@@ -114,7 +118,9 @@ class Evaluation(L.Callback):
         rank_zero_info(f"Evaluation of {self._task_name(trainer)}:\n{summary.table()}")
 
     # ------------------------------------------------------------------ the work
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, seeds: list[int]) -> EvalSummary:
+    def evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, seeds: list[int]
+    ) -> EvalSummary:
         """Run this rank's share of the episodes and gather every rank's results."""
         from qt.evaluation import run_episodes  # acting code is loaded only when it acts
         from qt.policy import QTPolicy
@@ -167,7 +173,11 @@ class Evaluation(L.Callback):
     def _ref_scores(trainer: L.Trainer, task_name: str) -> tuple[float, float]:
         """The data module's reference scores (a generated dataset's own), else the registry's."""
         dm = getattr(trainer, "datamodule", None)
-        if dm is not None and getattr(dm, "task", None) == task_name and hasattr(dm, "ref_min_score"):
+        if (
+            dm is not None
+            and getattr(dm, "task", None) == task_name
+            and hasattr(dm, "ref_min_score")
+        ):
             return float(dm.ref_min_score), float(dm.ref_max_score)
         task = get_task(task_name)
         return task.ref_min_score, task.ref_max_score

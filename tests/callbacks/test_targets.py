@@ -70,9 +70,7 @@ def test_counters_round_trip_through_state_dict():
     assert (resumed.steps_done, resumed.ema_updates) == (7, 6)
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"ema_decay": 1.5}, {"tau": -0.1}, {"update_ema_every": 0}]
-)
+@pytest.mark.parametrize("kwargs", [{"ema_decay": 1.5}, {"tau": -0.1}, {"update_ema_every": 0}])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         TargetNetworks(**kwargs)
