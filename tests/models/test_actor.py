@@ -177,3 +177,42 @@ def test_bad_arguments_raise_clear_errors():
         QTActor(3, 2, hidden_size=30, n_head=4)
     with pytest.raises(ValueError, match="state_dim"):
         QTActor(0, 2)
+
+
+def test_cpu_dropout_keeps_the_right_fraction_scales_and_reuses_its_mask():
+    from qt.models.transformer import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(400_000, requires_grad=True)
+    y = dropout(x, 0.1, training=True)
+    kept = y != 0
+    # keep probability 0.9 (binomial std ~0.0005), kept values scaled by 1/0.9
+    assert abs(kept.float().mean().item() - 0.9) < 0.003
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.backward(torch.arange(400_000, dtype=torch.float32))
+    # the gradient flows exactly where the forward kept, with the same scale
+    expected = torch.where(kept, torch.arange(400_000, dtype=torch.float32) * (1 / 0.9), 0.0)
+    assert torch.equal(x.grad, expected)
+    # the global generator drives it: same seed, same mask; eval mode is the identity
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x.detach(), 0.1, training=True) != 0, kept)
+    assert dropout(x, 0.1, training=False) is x
+
+
+def test_attention_dropout_path_matches_sdpa_without_dropout():
+    """The written-out attention used under CPU dropout equals SDPA when nothing is dropped."""
+    from qt.models.transformer import CausalSelfAttention, causal_padding_bias
+
+    torch.manual_seed(1)
+    attn = CausalSelfAttention(16, 2, dropout=1e-12)  # the manual path, dropping ~nothing
+    x = torch.randn(3, 7, 16)
+    mask = torch.ones(3, 7)
+    mask[0, :3] = 0
+    bias = causal_padding_bias(mask)
+    attn.train()
+    manual = attn(x, bias)
+    attn.eval()
+    reference = attn(x, bias)
+    torch.testing.assert_close(manual, reference, rtol=1e-5, atol=1e-6)
+    attn.train()
+    torch.testing.assert_close(attn(x, None), attn.eval()(x, None), rtol=1e-5, atol=1e-6)
