@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from qt.data.readers import SOURCES, Trajectories, read_task
+from qt.data.readers import SOURCES, read_task
 from qt.data.sampler import SegmentStream, StreamLoader, check_full_windows
 from qt.data.store import TrajectoryStore
 from qt.tasks import get_task
@@ -78,7 +78,7 @@ class QTDataModule(L.LightningDataModule):
             pct_traj,
         )
         self._store: TrajectoryStore | None = None
-        self._traj: Trajectories | None = None
+        self._own_refs: tuple[float | None, float | None] = (None, None)
         self._stream: SegmentStream | None = None
 
     # ------------------------------------------------------------------ the dataset, lazily
@@ -98,7 +98,8 @@ class QTDataModule(L.LightningDataModule):
             )
             if self.full_windows_only:
                 check_full_windows(store, self.K, traj.source)
-            self._traj, self._store = traj, store
+            # keep the store only: the raw arrays would double the dataset's memory
+            self._own_refs, self._store = (traj.ref_min_score, traj.ref_max_score), store
             rank_zero_info(f"{self.task} ({traj.source}): {store.summary()}")
         return self._store
 
@@ -134,13 +135,13 @@ class QTDataModule(L.LightningDataModule):
     def ref_min_score(self) -> float:
         """The dataset's own reference score when it carries one (generated here), else D4RL's."""
         self.store  # noqa: B018  (loads the dataset)
-        own = self._traj.ref_min_score
+        own = self._own_refs[0]
         return self._task.ref_min_score if own is None else own
 
     @property
     def ref_max_score(self) -> float:
         self.store  # noqa: B018
-        own = self._traj.ref_max_score
+        own = self._own_refs[1]
         return self._task.ref_max_score if own is None else own
 
     # ------------------------------------------------------------------ Lightning hooks

@@ -86,7 +86,7 @@ def gather_segments(
         states=torch.from_numpy(store.states[idx]),
         actions=torch.from_numpy(store.actions[idx]),
         rewards=torch.from_numpy(store.rewards[idx][..., None]),
-        dones=torch.from_numpy(store.terminals[idx]),
+        dones=torch.from_numpy(store.terminals[idx].astype(np.float32)),
         rtg=torch.from_numpy(store.rtg[rtg_idx][..., None]),
         timesteps=torch.from_numpy(timesteps.astype(np.int64)),
         mask=torch.from_numpy(valid[:, :K].astype(np.float32)),

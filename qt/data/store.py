@@ -60,7 +60,7 @@ class TrajectoryStore:
         offsets (n+1,), lengths (n,), returns (n,) raw-reward returns
         state_mean, state_std (S,) float32: over the states of every kept trajectory
         states (N+1, S) float32 normalised; row N is the padding state (0 - mean) / std
-        actions (N+1, A), rewards (N+1,) tuned, terminals (N+1,) (pad row 1), rtg (N+1,)
+        actions (N+1, A), rewards (N+1,) tuned, terminals (N+1,) bool (pad row True), rtg (N+1,)
         returns-to-go divided by `scale` (pad row 0)
         sample_trajs (m,), sample_p (m,): trajectories to sample and their probabilities
     """
@@ -96,7 +96,7 @@ class TrajectoryStore:
         self.actions = np.concatenate([traj.actions, np.zeros((1, self.act_dim), np.float32)])
         rewards = tune_rewards(traj.rewards, reward_tune)
         self.rewards = np.append(rewards, np.float32(0)).astype(np.float32)
-        self.terminals = np.append(traj.terminals, np.float32(1)).astype(np.float32)
+        self.terminals = np.append(traj.terminals != 0, True)  # bool: a quarter of float32
         rtg = _trajectory_rtg(rewards, self.offsets)
         self.rtg = np.append(rtg.astype(np.float64) / self.scale, 0.0).astype(np.float32)
         self.sample_trajs = top_trajectories(self.returns, self.lengths, pct_traj)

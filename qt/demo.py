@@ -1,0 +1,189 @@
+"""`python -m qt.demo` (`make demo`): QT and its Decision Transformer baseline on maze2d-umaze.
+
+1. Generates the maze2d-umaze dataset by the D4RL protocol (1M steps, under a minute), or
+   reuses it: a Minari dataset in ./data/minari ($MINARI_DATASETS_PATH) and its D4RL hdf5 twin.
+2. Trains QT (configs/demo.yaml) and the DT baseline (`eta 0`, `rtg_no_q`, `infer_no_q`) side
+   by side, one process and one thread each, with `cli.py fit`; both log to MLflow.
+3. Tests each best checkpoint with `cli.py test` and prints a table: the dataset's average
+   return, the evaluation episodes' returns and lengths, the normalised scores, and where the
+   MLflow runs are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = "maze2d-umaze-v1"
+CONFIG = ROOT / "configs" / "demo.yaml"
+EXPERIMENT = "qt-demo"
+DT_ARGS = ["--model.eta", "0", "--model.rtg_no_q", "true", "--model.infer_no_q", "true"]
+
+
+def _ensure_dataset(steps: int | None) -> Path:
+    from qt.data import make
+    from qt.tasks import get_task
+
+    root = make.default_minari_root()
+    hdf5 = root.resolve().parent / "d4rl" / get_task(TASK).dataset_file
+    if hdf5.exists():
+        print(f"[demo] reusing {hdf5}", flush=True)
+        return hdf5
+    argv = [TASK, "--out", str(root), "--d4rl-hdf5", "--hdf5-out", str(hdf5)]
+    if steps is not None:
+        argv += ["--steps", str(steps)]
+    if (root / "qt" / TASK).exists():
+        argv.append("--force")  # the Minari copy exists without its hdf5 twin: make both
+    print(f"[demo] generating {TASK} by the D4RL protocol into {root} ...", flush=True)
+    if make.main(argv) != 0:
+        raise SystemExit("[demo] dataset generation failed (see the message above).")
+    return hdf5
+
+
+def _launch(name: str, command: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[demo] {name}: {' '.join(command[1:])}  (log: {log})", flush=True)
+    handle = log.open("w")
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def _wait(procs: dict[str, tuple[subprocess.Popen, Path]]) -> None:
+    failed = []
+    for name, (proc, log) in procs.items():
+        if proc.wait() != 0:
+            failed.append(f"{name} (exit {proc.returncode}; log {log})")
+    if failed:
+        raise SystemExit(f"[demo] failed: {', '.join(failed)}")
+
+
+def _run(client, name: str):
+    runs = client.search_runs(
+        [client.get_experiment_by_name(EXPERIMENT).experiment_id],
+        filter_string=f"tags.mlflow.runName = '{name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise SystemExit(f"[demo] no MLflow run named {name!r} in experiment {EXPERIMENT!r}.")
+    return runs[0]
+
+
+def _best_checkpoint(run) -> Path:
+    ckpts = sorted(
+        (ROOT / "runs" / run.info.experiment_id / run.info.run_id / "checkpoints").glob(
+            "best-*.ckpt"
+        )
+    )
+    if not ckpts:
+        raise SystemExit(f"[demo] run {run.info.run_name} left no best checkpoint.")
+    return ckpts[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qt.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset-steps", type=int, default=None, help="default: D4RL's 1M")
+    parser.add_argument("--epochs", type=int, default=None, help="default: configs/demo.yaml")
+    parser.add_argument("--steps-per-epoch", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    t0 = time.perf_counter()
+
+    hdf5 = _ensure_dataset(args.dataset_steps)
+    from qt.data.readers import read_d4rl_hdf5
+    from qt.data.store import TrajectoryStore
+    from qt.tasks import get_task
+
+    traj = read_d4rl_hdf5(hdf5)
+    store = TrajectoryStore(traj, scale=get_task(TASK).scale)
+    ref_min = traj.ref_min_score if traj.ref_min_score is not None else get_task(TASK).ref_min_score
+    ref_max = traj.ref_max_score if traj.ref_max_score is not None else get_task(TASK).ref_max_score
+
+    common = [
+        "--config",
+        str(CONFIG),
+        "--data.path",
+        str(hdf5),
+        "--seed_everything",
+        str(args.seed),
+    ]
+    if args.epochs is not None:
+        common += ["--trainer.max_epochs", str(args.epochs), "--model.max_iters", str(args.epochs)]
+    if args.steps_per_epoch is not None:
+        common += ["--data.num_steps_per_iter", str(args.steps_per_epoch)]
+    logs = ROOT / "runs" / "demo"
+    models = {"QT": [], "DT": DT_ARGS}
+    fits = {
+        name: _launch(
+            f"fit {name}",
+            [sys.executable, "cli.py", "fit", *common, *extra,
+             "--trainer.logger.init_args.run_name", f"demo-{name}"],
+            logs / f"fit-{name}.log",
+        )
+        for name, extra in models.items()
+    }  # fmt: skip
+    _wait({n: (p, logs / f"fit-{n}.log") for n, p in fits.items()})
+    t_fit = time.perf_counter() - t0
+
+    import mlflow
+
+    from qt.tracking import default_tracking_uri
+
+    uri = default_tracking_uri(ROOT / "runs")
+    client = mlflow.MlflowClient(uri)
+    fit_runs = {name: _run(client, f"demo-{name}") for name in models}
+    tests = {
+        name: _launch(
+            f"test {name}",
+            [sys.executable, "cli.py", "test", *common, *models[name],
+             "--ckpt_path", str(_best_checkpoint(fit_runs[name])),
+             "--trainer.logger.init_args.run_name", f"demo-{name}-test"],
+            logs / f"test-{name}.log",
+        )
+        for name in models
+    }  # fmt: skip
+    _wait({n: (p, logs / f"test-{n}.log") for n, p in tests.items()})
+    test_runs = {name: _run(client, f"demo-{name}-test") for name in models}
+
+    def metric(run, key):
+        value = run.data.metrics.get(key)
+        return "n/a" if value is None else f"{value:.1f}"
+
+    r = store.returns
+    data_score = 100 * (r.mean() - ref_min) / (ref_max - ref_min)
+    lines = [
+        "",
+        f"dataset  {TASK}: {store.num_steps:,} steps, {len(store):,} episodes; average return "
+        f"{r.mean():.2f} (std {r.std():.2f}), normalised {data_score:.1f} "
+        f"(reference returns {ref_min:.2f} / {ref_max:.2f})",
+        "",
+        f"{'':<34}{'QT':>10}{'DT':>10}",
+    ]
+    rows = [
+        ("best evaluation score during fit", fit_runs, "eval/best_normalized_score"),
+        ("test: normalised score", test_runs, "test/normalized_score"),
+        ("test: return mean", test_runs, "test/return_mean"),
+        ("test: return std", test_runs, "test/return_std"),
+        ("test: episode length mean", test_runs, "test/length_mean"),
+    ]
+    for label, runs, key in rows:
+        lines.append(f"{label:<34}" + "".join(f"{metric(runs[n], key):>10}" for n in models))
+    lines += [
+        "",
+        f"time     {time.perf_counter() - t0:.0f} s in all ({t_fit:.0f} s to the end of both fits)",
+        f"MLflow   {uri} (experiment {EXPERIMENT}; `make ui` serves it); runs: "
+        + ", ".join(f"{n} {fit_runs[n].info.run_id}" for n in models),
+        f"logs     {logs}",
+    ]
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
