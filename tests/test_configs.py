@@ -86,6 +86,7 @@ def test_config_instantiates_through_the_cli(path, fake_d4rl_dir):
     task = get_task(task_name)
     _write_fake_d4rl(fake_d4rl_dir / task.dataset_file, task.state_dim, task.act_dim)
     args = ["--config", str(path), "--data.task", task_name, "--trainer.logger", "false"]
+    args += ["--data.path", str(fake_d4rl_dir / task.dataset_file)]  # demo.yaml names a file
     cli = _cli(args)
     model, data = cli.model, cli.datamodule
     assert model.hparams.state_dim == task.state_dim and model.hparams.act_dim == task.act_dim
