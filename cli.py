@@ -17,6 +17,7 @@ from qt.data.datamodule import QTDataModule
 from qt.module import QTModule
 
 BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "base.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _floats(values) -> list[float]:
@@ -81,7 +82,12 @@ def main(args: list[str] | None = None, run: bool = True) -> QTCLI:
         QTModule,
         QTDataModule,
         seed_everything_default=123,
-        parser_kwargs={"default_config_files": [str(BASE_CONFIG)]},
+        # base.yaml under every subcommand (with subcommands, the top-level parser knows none
+        # of its keys), and at the top level when run=False parses without subcommands
+        parser_kwargs={
+            "default_config_files": [str(BASE_CONFIG)] if not run else [],
+            **{sub: {"default_config_files": [str(BASE_CONFIG)]} for sub in SUBCOMMANDS},
+        },
         save_config_callback=MLflowConfig,
         save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
         args=args,

@@ -41,11 +41,11 @@ def _write_fake_d4rl(path: Path, state_dim: int, act_dim: int, n: int = 120, see
         f["timeouts"] = timeouts
 
 
-def _cli(args: list[str]):
+def _cli(args: list[str], run: bool = False):
     sys.path.insert(0, str(ROOT))
     import cli
 
-    return cli.main(args, run=False)
+    return cli.main(args, run=run)
 
 
 @pytest.fixture
@@ -107,12 +107,16 @@ def test_print_config_reruns_to_the_same_result(fake_d4rl_dir, tmp_path, capsys)
     _write_fake_d4rl(fake_d4rl_dir / task.dataset_file, task.state_dim, task.act_dim)
     config = ROOT / "configs" / "d4rl" / "hopper-medium.yaml"
     with pytest.raises(SystemExit):
-        _cli(["--config", str(config), "--print_config"])
+        _cli(["fit", "--config", str(config), "--print_config"], run=True)
     printed = capsys.readouterr().out
     saved = tmp_path / "printed.yaml"
     saved.write_text(printed)
     with pytest.raises(SystemExit):
-        _cli(["--config", str(saved), "--print_config"])
+        _cli(["fit", "--config", str(saved), "--print_config"], run=True)
     assert capsys.readouterr().out == printed
     resolved = yaml.safe_load(printed)
     assert resolved["model"]["eta"] == 1.0 and resolved["data"]["full_windows_only"] is True
+    # the subcommand read configs/base.yaml first: its callbacks and logger are there
+    classes = [c["class_path"] for c in resolved["trainer"]["callbacks"]]
+    assert "qt.callbacks.targets.TargetNetworks" in classes
+    assert resolved["trainer"]["logger"]["class_path"] == "qt.tracking.MLFlowLogger"
