@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from qt.data.datamodule import QTDataModule
 from qt.module import QTModule
+from qt.runtime import keep_freed_memory
 
 BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "base.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -78,6 +79,7 @@ class QTCLI(LightningCLI):
 
 def main(args: list[str] | None = None, run: bool = True) -> QTCLI:
     """Build the CLI; `run=False` parses and instantiates without running a subcommand."""
+    keep_freed_memory()
     return QTCLI(
         QTModule,
         QTDataModule,

@@ -24,6 +24,7 @@ from bench._common import synthetic_store, table
 from qt.callbacks.targets import TargetNetworks
 from qt.data.sampler import SegmentStream, StreamLoader
 from qt.module import QTModule
+from qt.runtime import keep_freed_memory
 
 AUTHORS_SECONDS = {"published": 5.3, "cpu": 0.49}  # per step, this machine, reference code
 SIZES = {
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench train_step")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per size")
     args, _ = parser.parse_known_args(argv if argv is not None else [])
+    keep_freed_memory()  # as cli.py does
     device = os.environ.get("QT_BENCH_DEVICE", "cpu")
     precision = os.environ.get("QT_BENCH_PRECISION", "32-true")
     rows = []

@@ -1,0 +1,34 @@
+"""Process-wide settings for fast CPU training.
+
+`keep_freed_memory()`: glibc's malloc hands every large block (the activations of a training
+step are tens of MB each) straight back to the system when it is freed and maps fresh pages for
+the next one, so each step pays a page fault per 4 KiB it touches: here about a tenth of a
+published-size step on the CPU goes to that (measured: 2.45 s -> 2.22 s per actor step, page
+faults 1.47M -> 0.57M). Asking malloc to keep freed memory in its heap removes that cost; the
+price is that the process's resident size stays at its peak. `cli.py` calls it; set
+QT_KEEP_FREED_MEMORY=0 to leave malloc alone. It does nothing off glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse; True when it took effect."""
+    if os.environ.get("QT_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(_M_MMAP_MAX, 0) == 1  # large blocks from the heap, not fresh mappings
+    ok &= mallopt(_M_TRIM_THRESHOLD, 2**30) == 1  # never shrink the heap below 1 GiB of slack
+    return bool(ok)
