@@ -1,0 +1,96 @@
+"""The evaluation callback: D4RL's normalised score, and under DDP every episode once."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from qt.callbacks.evaluation import EvalSummary, Evaluation
+from qt.module import QTModule
+from qt.tasks import get_task
+
+
+@pytest.mark.parametrize(
+    "task, ret, expected",
+    [
+        # D4RL infos.py: hopper REF_MIN_SCORE -20.272305, REF_MAX_SCORE 3234.3
+        ("hopper-medium-v2", 3234.3, 100.0),
+        ("hopper-medium-v2", -20.272305, 0.0),
+        ("hopper-medium-v2", 1422.0, 100 * (1422.0 + 20.272305) / (3234.3 + 20.272305)),
+        # maze2d-umaze-v1: 23.85 / 161.86
+        ("maze2d-umaze-v1", 92.855, 50.0),
+    ],
+)
+def test_normalised_score_uses_d4rls_reference_returns(task, ret, expected):
+    t = get_task(task)
+    summary = EvalSummary(
+        np.array([ret, ret]), np.array([10, 12]), t.ref_min_score, t.ref_max_score
+    )
+    metrics = summary.metrics("eval")
+    assert metrics["eval/normalized_score"] == pytest.approx(expected, abs=1e-9)
+    assert metrics["eval/length_mean"] == 11 and metrics["eval/return_std"] == 0
+
+
+def _tiny_module() -> QTModule:
+    torch.manual_seed(0)
+    return QTModule(
+        state_dim=4, act_dim=2, K=3, max_ep_len=6, scale=10.0, hidden_size=8, n_layer=1,
+        n_head=1, dropout=0.0, embed_dropout=0.0,
+        env_targets=list(get_task("maze2d-umaze-v1").env_targets),
+    )  # fmt: skip
+
+
+def _worker(rank: int, world: int, port: int, seeds: list[int], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import qt.evaluation as evaluation
+
+        ran: list[int] = []
+        real = evaluation.run_episodes
+
+        def spy(policy, env_fn, my_seeds, num_envs=None):
+            ran.extend(my_seeds)
+            return real(policy, env_fn, my_seeds, num_envs)
+
+        evaluation.run_episodes = spy
+        module = _tiny_module()  # same seed: same weights on both ranks
+        trainer = SimpleNamespace(global_rank=rank, world_size=world, datamodule=None)
+        summary = Evaluation(task="maze2d-umaze-v1").evaluate(trainer, module, seeds)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"ran": ran, "returns": summary.returns.tolist(),
+                       "lengths": summary.lengths.tolist()}, f)  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_evaluation_runs_each_episode_once(tmp_path):
+    seeds = [10, 11, 12, 13, 14]
+    out = str(tmp_path / "rank")
+    mp.start_processes(_worker, args=(2, _free_port(), seeds, out), nprocs=2, start_method="spawn")
+    ranks = [json.load(open(f"{out}.{r}")) for r in range(2)]
+    ran = ranks[0]["ran"] + ranks[1]["ran"]
+    assert sorted(ran) == seeds and len(set(ran)) == len(seeds)  # every episode, once
+    assert ranks[0]["ran"] and ranks[1]["ran"]  # both ranks worked
+    # both ranks hold all five results, the same as one process playing every episode
+    alone = Evaluation(task="maze2d-umaze-v1").evaluate(
+        SimpleNamespace(global_rank=0, world_size=1, datamodule=None), _tiny_module(), seeds
+    )
+    for r in ranks:
+        assert sorted(r["lengths"]) == sorted(alone.lengths.tolist())
+        assert sorted(r["returns"]) == sorted(alone.returns.tolist())
+        assert len(r["returns"]) == len(seeds)
