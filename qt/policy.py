@@ -59,6 +59,9 @@ class QTPolicy:
         num_candidates: N, 50 in the paper.
         rtg_no_q: no Q-value return-to-go candidate; infer_no_q: act with candidate 0.
         device: where the histories live (default: the actor's device).
+        share_prefix: run the older K-1 timesteps once per distinct return-to-go history
+            instead of once per candidate (`QTActor.newest_actions`; same actions, up to
+            float rounding, at a fraction of the cost). Needs an actor in eval mode, no `sar`.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class QTPolicy:
         rtg_no_q: bool = False,
         infer_no_q: bool = False,
         device: torch.device | str | None = None,
+        share_prefix: bool = True,
     ) -> None:
         if len(env_targets) < 1:
             raise ValueError("QTPolicy needs at least one conditioning target in env_targets.")
@@ -94,6 +98,7 @@ class QTPolicy:
         self.targets = [float(t) / self.scale for t in env_targets]  # as the reference divides
         self.K, self.max_ep_len, self.N = K, max_ep_len, num_candidates
         self.rtg_no_q, self.infer_no_q = rtg_no_q, infer_no_q
+        self.share_prefix = share_prefix
         self.state_dim = self.state_mean.numel()
         self.act_dim = actor.act_dim
         self.t = 0
@@ -193,6 +198,10 @@ class QTPolicy:
     @torch.no_grad()
     def candidates(self, window: dict[str, torch.Tensor]) -> torch.Tensor:
         """The (E, N, K) return-to-go windows of QT_SPEC §4 steps 1-3."""
+        return self._candidates(window)[0]
+
+    def _candidates(self, window):
+        """Candidates (E, N, K), the distinct histories they extend (E, U, K), and which (N,)."""
         target_rtg = window["target_rtg"]
         E, M, K = target_rtg.shape
         L = int(window["mask"].sum())
@@ -204,15 +213,15 @@ class QTPolicy:
             # the previous step's Q-value, less its reward, as the last candidate's newest R
             q_prev = self.critic.q_min(window["states"][:, -2], window["actions"][:, -2])[:, 0]
             rtg[:, -1, -1] = q_prev - window["rewards"][:, -2] / self.scale
-        return rtg
+        copies = self.N // M
+        group_of = torch.cat(
+            [torch.arange(M).repeat_interleave(copies), M + torch.arange(noise.shape[1])]
+        ).to(self.device)
+        return rtg, torch.cat([target_rtg, noise_rtg], dim=1), group_of
 
-    @torch.no_grad()
-    def act(self) -> np.ndarray:
-        """Actions (E, A) for the current step of every episode in the batch."""
-        win = self.window()
-        rtg = self.candidates(win)  # (E, N, K)
+    def _all_candidates(self, win, rtg: torch.Tensor) -> torch.Tensor:
+        """Every candidate's newest action (E, N, A), one full window per candidate."""
         E, N, K = rtg.shape
-        S, A = self.state_dim, self.act_dim
 
         def rep(x: torch.Tensor) -> torch.Tensor:  # (E, K, ...) -> (E * N, K, ...)
             return x[:, None].expand(E, N, *x.shape[1:]).reshape(E * N, *x.shape[1:])
@@ -225,18 +234,33 @@ class QTPolicy:
             win["timesteps"].expand(E * N, K),
             win["mask"].expand(E * N, K),
         )
-        preds = out.action_preds[:, -1].reshape(E, N, A)
+        return out.action_preds[:, -1].reshape(E, N, self.act_dim)
+
+    @torch.no_grad()
+    def act(self) -> np.ndarray:
+        """Actions (E, A) for the current step of every episode in the batch."""
+        win = self.window()
+        rtg, group_rtg, group_of = self._candidates(win)  # (E, N, K), (E, U, K), (N,)
+        E, N, K = rtg.shape
+        shared = self.share_prefix and K >= 2 and not self.actor.sar and not self.actor.training
+        if shared:
+            preds = self.actor.newest_actions(
+                win["states"], win["actions"], group_rtg, rtg[:, :, -1], group_of,
+                win["timesteps"], win["mask"],
+            )  # fmt: skip
+        else:
+            preds = self._all_candidates(win, rtg)
         if self.infer_no_q:
             chosen = preds[:, 0]
         else:
-            last_state = win["states"][:, -1][:, None].expand(E, N, S)
+            last_state = win["states"][:, -1][:, None].expand(E, N, self.state_dim)
             q = self.critic.q_min(last_state, preds)[..., 0]  # (E, N)
-            probs = torch.softmax(q, dim=-1).cpu()
+            probs = torch.softmax(q.float(), dim=-1).cpu()
             idx = torch.cat(
                 [torch.multinomial(probs[e], 1, generator=g) for e, g in enumerate(self.generators)]
             )
             chosen = preds[torch.arange(E, device=preds.device), idx.to(preds.device)]
-        return chosen.cpu().numpy()
+        return chosen.float().cpu().numpy()
 
 
 __all__ = ["NOISE_STD", "QTPolicy", "candidate_rtg"]

@@ -115,7 +115,9 @@ class _PreferFirstComponent(torch.nn.Module):
 
 def test_the_pick_follows_the_critic_and_infer_no_q_takes_candidate_zero():
     actor, _ = _nets()
-    policy = _policy(actor, _PreferFirstComponent(), [300.0, 150.0, 20.0], rtg_no_q=True)
+    policy = _policy(
+        actor, _PreferFirstComponent(), [300.0, 150.0, 20.0], rtg_no_q=True, share_prefix=False
+    )
     policy.reset(np.zeros((3, S)), seeds=[1, 2, 3])
     _advance(policy, 3, np.random.default_rng(1))
     seen = {}
@@ -135,6 +137,31 @@ def test_the_pick_follows_the_critic_and_infer_no_q_takes_candidate_zero():
     policy.infer_no_q = True
     first = policy.act()
     assert torch.equal(torch.as_tensor(first), seen["preds"][:, 0])
+
+
+@pytest.mark.parametrize("targets", [[300.0, 150.0], [300, 200, 150, 100, 50, 20]])
+@pytest.mark.parametrize("steps", [0, 1, 3, 8])
+def test_shared_prefixes_give_every_candidates_newest_action(targets, steps):
+    """`QTActor.newest_actions` (history once per group) equals one full window per candidate."""
+    torch.manual_seed(2)
+    actor = QTActor(S, A, 32, 2, 4, K=5, max_ep_len=100, dropout=0.1, sar=False, scale=10.0)
+    actor.eval()
+    critic = TwinCritic(S, A, 16)
+    policy = _policy(actor, critic, targets)
+    rng = np.random.default_rng(steps)
+    policy.reset(rng.normal(size=(3, S)), seeds=[1, 2, 3])
+    _advance(policy, steps, rng)
+    win = policy.window()
+    rtg, group_rtg, group_of = policy._candidates(win)
+    # every candidate's window is its group's with the newest entry replaced
+    torch.testing.assert_close(group_rtg[:, group_of, :-1], rtg[..., :-1], rtol=0, atol=0)
+    shared = actor.newest_actions(
+        win["states"], win["actions"], group_rtg, rtg[:, :, -1], group_of, win["timesteps"],
+        win["mask"],
+    )  # fmt: skip
+    full = policy._all_candidates(win, rtg)
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-6)
+    assert len({tuple(x) for x in full[0].tolist()}) > 1  # the candidates do differ
 
 
 def _recording(policy):

@@ -136,17 +136,7 @@ class QTActor(nn.Module):
         B, T = states.shape[:2]
         assert T <= self.K, f"window length {T} exceeds K={self.K}"
         d = self.hidden_size
-
-        time_emb = self.embed_timestep(timesteps)  # (B, T, d)
-        s_emb = self.embed_state(states)
-        a_emb = self.embed_action(actions)
-        if self.sar:
-            tokens = (s_emb, a_emb, self.embed_rewards(rewards / self.scale))
-        else:
-            tokens = (self.embed_return(rtg), s_emb, a_emb)
-        # (B, T, 3, d) -> (B, 3T, d): token 3t+i is modality i of timestep t.
-        x = (torch.stack(tokens, dim=2) + time_emb.unsqueeze(2)).reshape(B, 3 * T, d)
-        x = self.embed_ln(x)
+        x = self._tokens(states, actions, rewards, rtg, timesteps)
 
         key_mask = None if mask is None else mask.repeat_interleave(3, dim=1)  # (B, 3T)
         h = self.transformer(x, key_mask).reshape(B, T, 3, d)
@@ -160,6 +150,64 @@ class QTActor(nn.Module):
             state_preds = self.predict_state(h[:, :, 2])
             reward_preds = None
         return ActorOutput(state_preds, action_preds, reward_preds)
+
+    def _tokens(self, states, actions, rewards, rtg, timesteps) -> torch.Tensor:
+        """(B, T, ...) inputs -> (B, 3T, d) token embeddings; token 3t+i is modality i of t."""
+        B, T = states.shape[:2]
+        time_emb = self.embed_timestep(timesteps)  # (B, T, d)
+        s_emb = self.embed_state(states)
+        a_emb = self.embed_action(actions)
+        if self.sar:
+            tokens = (s_emb, a_emb, self.embed_rewards(rewards / self.scale))
+        else:
+            tokens = (self.embed_return(rtg), s_emb, a_emb)
+        x = (torch.stack(tokens, dim=2) + time_emb.unsqueeze(2)).reshape(B, 3 * T, -1)
+        return self.embed_ln(x)
+
+    @torch.no_grad()
+    def newest_actions(
+        self,
+        states: torch.Tensor,
+        actions: torch.Tensor,
+        group_rtg: torch.Tensor,
+        newest_rtg: torch.Tensor,
+        group_of: torch.Tensor,
+        timesteps: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The newest action of many return-to-go candidates that share their history.
+
+        For each of E windows (states (E, K, S), actions (E, K, A), timesteps and mask (K,)),
+        candidate c's return-to-go window is group `group_of[c]`'s (`group_rtg`, (E, U, K))
+        with its newest entry replaced by `newest_rtg[:, c]` ((E, N)). Equal to
+        `forward(...).action_preds[:, -1]` on every candidate's full window, at a fraction of
+        the cost: the K-1 older timesteps run once per group, the newest return and state
+        tokens once per candidate (they cannot see the newest action token). Eval mode,
+        without `sar` (which ignores returns-to-go), K >= 2.
+        """
+        if self.sar or self.training:
+            raise ValueError("newest_actions needs eval mode and an actor without `sar`.")
+        E, K = states.shape[:2]
+        U, N, d = group_rtg.shape[1], newest_rtg.shape[1], self.hidden_size
+        old = K - 1
+
+        def per_group(x: torch.Tensor) -> torch.Tensor:  # (E, old, ...) -> (E * U, old, ...)
+            return x[:, None].expand(E, U, *x.shape[1:]).reshape(E * U, *x.shape[1:])
+
+        prefix = self._tokens(
+            per_group(states[:, :old]), per_group(actions[:, :old]), None,
+            group_rtg[..., :old].reshape(E * U, old, 1), timesteps[:old].expand(E * U, old),
+        )  # fmt: skip
+        prefix_mask = mask[:old].repeat_interleave(3).expand(E * U, 3 * old)
+        kv = self.transformer.prefix(prefix, prefix_mask)
+        # newest return and state tokens of every candidate, at the newest timestep
+        t_emb = self.embed_timestep(timesteps[old])  # (d,)
+        r_tok = self.embed_return(newest_rtg.reshape(E * N, 1)) + t_emb
+        s_tok = (self.embed_state(states[:, old]) + t_emb)[:, None].expand(E, N, d)
+        x = self.embed_ln(torch.stack([r_tok, s_tok.reshape(E * N, d)], dim=1))  # (E*N, 2, d)
+        rows = (torch.arange(E, device=states.device)[:, None] * U + group_of[None]).reshape(-1)
+        h = self.transformer.extend(x, kv, prefix_mask, rows)
+        return self.predict_action(h[:, 1]).reshape(E, N, -1)
 
     def from_reference_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load weights saved by the authors' `DecisionTransformer` (HF GPT-2 trunk).

@@ -106,6 +106,25 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, L, d)
         return self.resid_dropout(self.c_proj(y))
 
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        attn_bias: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Inference with cached keys and values (no dropout).
+
+        x (B, L, d) new tokens; past (k, v), each (B, H, P, hd), of P earlier tokens;
+        attn_bias (B, 1, L, P + L) additive. Returns the output and (k, v) of all P + L tokens.
+        """
+        B, L, d = x.shape
+        qkv = self.c_attn(x).view(B, L, 3, self.n_head, d // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
+        return self.c_proj(y.transpose(1, 2).reshape(B, L, d)), (k, v)
+
 
 class MLP(nn.Module):
     """d -> 4d -> d with ReLU (the reference's `activation_function='relu'`)."""
@@ -133,6 +152,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), attn_bias)
         return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(self, x, attn_bias, past=None):
+        """`forward` at inference with cached keys/values (see `CausalSelfAttention`)."""
+        a, kv = self.attn.forward_cached(self.ln_1(x), attn_bias, past)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), kv
 
 
 class CausalTransformer(nn.Module):
@@ -186,6 +211,44 @@ class CausalTransformer(nn.Module):
         x = self.drop(x)
         for block in self.h:
             x = block(x, attn_bias)
+        return self.ln_f(x)
+
+    # ------------------------------------------------------------------ shared prefixes
+    @torch.no_grad()
+    def prefix(self, x: torch.Tensor, key_mask: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Keys and values of every layer for prefix tokens x (B, P, d) (inference)."""
+        bias = causal_padding_bias(key_mask)
+        kvs = []
+        x = self.drop(x)
+        for block in self.h:
+            x, kv = block.forward_cached(x, bias)
+            kvs.append(kv)
+        return kvs
+
+    @torch.no_grad()
+    def extend(
+        self,
+        x: torch.Tensor,
+        prefix_kv: list[tuple[torch.Tensor, ...]],
+        prefix_mask: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Hidden states of new tokens x (B', L, d) that follow prefix `rows[i]` (inference).
+
+        Token i of sequence b sees every non-padded token of its prefix (`prefix_mask`, (B, P))
+        and the new tokens up to itself: the same as running the whole sequence, at the cost
+        of the new tokens only.
+        """
+        Bn, L, _ = x.shape
+        P = prefix_mask.shape[1]
+        seen = torch.ones(Bn, 1, L, P + L, dtype=torch.bool, device=x.device)
+        seen[..., :P] = (prefix_mask[rows] != 0)[:, None, None, :]
+        seen[..., P:] = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        zero = torch.zeros((), dtype=torch.float32, device=x.device)
+        bias = torch.where(seen, zero, torch.full_like(zero, MASK_VALUE))
+        x = self.drop(x)
+        for block, (k, v) in zip(self.h, prefix_kv):
+            x, _ = block.forward_cached(x, bias, (k[rows], v[rows]))
         return self.ln_f(x)
 
 
