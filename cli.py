@@ -8,6 +8,7 @@ config repeats them.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -49,8 +50,17 @@ class MLflowConfig(SaveConfigCallback):
         text = self.parser.dump(self.config, skip_none=False)
         flat = _flatten(self.config.as_dict())
         for logger in loggers:
-            logger.log_hyperparams({f"config.{k}": v for k, v in flat.items()})
-            logger.experiment.log_text(logger.run_id, text, self.config_filename)
+            params = {f"config.{k}": v for k, v in flat.items()}
+            # A resumed fit (`--ckpt_path last`) logs into its earlier run, whose params MLflow
+            # will not change: log what is new, and the resumed config beside the first one.
+            logged = logger.experiment.get_run(logger.run_id).data.params
+            name = self.config_filename
+            if logged:
+                params = {k: v for k, v in params.items() if k not in logged}
+                name = f"{Path(name).stem}-resumed{Path(name).suffix}"
+            if params:
+                logger.log_hyperparams(params)
+            logger.experiment.log_text(logger.run_id, text, name)
 
 
 class QTCLI(LightningCLI):
@@ -75,6 +85,38 @@ class QTCLI(LightningCLI):
             init_args = logger["init_args"] if isinstance(logger, dict) else logger.init_args
             if init_args.get("run_name") is None:
                 init_args["run_name"] = f"{config['data']['task']}-seed{config['seed_everything']}"
+            if self.subcommand == "fit" and config.get("ckpt_path") == "last":
+                config["ckpt_path"] = _resume_last(init_args)
+
+
+def _resume_last(init_args) -> str:
+    """`--ckpt_path last` with MLflow: the newest run of this name that left a last.ckpt.
+
+    Its run id goes to the logger, so the resumed fit logs into the same MLflow run and
+    ModelCheckpoint keeps writing to the same folder (`<save_dir>/<experiment>/<run>/`).
+    """
+    import mlflow
+
+    from qt.tracking import default_tracking_uri
+
+    save_dir = Path(init_args.get("save_dir") or "runs")
+    uri = init_args.get("tracking_uri") or default_tracking_uri(save_dir)
+    name, experiment = init_args["run_name"], init_args.get("experiment_name") or "qt"
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'",
+        order_by=["attributes.start_time DESC"], max_results=50,
+    )  # fmt: skip
+    for run in runs:
+        last = save_dir / run.info.experiment_id / run.info.run_id / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            init_args["run_id"] = run.info.run_id
+            return str(last)
+    raise SystemExit(
+        f"error: --ckpt_path last: no run named {name!r} in experiment {experiment!r} of {uri} "
+        f"left a last.ckpt under {save_dir}: expected an earlier fit of the same config."
+    )
 
 
 def main(args: list[str] | None = None, run: bool = True) -> QTCLI:
@@ -98,4 +140,15 @@ def main(args: list[str] | None = None, run: bool = True) -> QTCLI:
 
 
 if __name__ == "__main__":
-    main()
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from qt.checkpointing import CheckpointError
+
+    try:
+        main()
+    except SIGTERMException:  # the checkpoint is written (qt.checkpointing.SaveOnSigterm)
+        print("Stopped by SIGTERM; resume with --ckpt_path last.", file=sys.stderr)
+        sys.exit(143)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

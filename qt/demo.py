@@ -117,6 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         common += ["--trainer.max_epochs", str(args.epochs), "--model.max_iters", str(args.epochs)]
     if args.steps_per_epoch is not None:
         common += ["--data.num_steps_per_iter", str(args.steps_per_epoch)]
+    import mlflow
+
+    from qt.tracking import default_tracking_uri
+
+    # Create the store and the experiment here: two fits creating a fresh SQLite store at
+    # once race on its schema migration.
+    uri = default_tracking_uri(ROOT / "runs")
+    client = mlflow.MlflowClient(uri)
+    if client.get_experiment_by_name(EXPERIMENT) is None:
+        (ROOT / "runs").mkdir(exist_ok=True)
+        client.create_experiment(
+            EXPERIMENT, artifact_location=(ROOT / "runs" / "mlartifacts").as_uri()
+        )
     logs = ROOT / "runs" / "demo"
     models = {"QT": [], "DT": DT_ARGS}
     fits = {
@@ -131,12 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     _wait({n: (p, logs / f"fit-{n}.log") for n, p in fits.items()})
     t_fit = time.perf_counter() - t0
 
-    import mlflow
-
-    from qt.tracking import default_tracking_uri
-
-    uri = default_tracking_uri(ROOT / "runs")
-    client = mlflow.MlflowClient(uri)
     fit_runs = {name: _run(client, f"demo-{name}") for name in models}
     tests = {
         name: _launch(

@@ -1,0 +1,112 @@
+"""Checkpoints that survive faults.
+
+- `AtomicCheckpointIO`: a checkpoint is written to a temporary file beside its destination,
+  flushed to disk and renamed over it, so a crash while writing leaves the previous file whole.
+  Loading is `weights_only` (plain tensors and containers; no code is unpickled) and a file
+  that cannot be read (truncated, not a checkpoint) stops with one sentence naming it.
+- `SaveOnSigterm`: when the process gets SIGTERM (a scheduler's pre-emption), Lightning stops
+  after the current batch; this callback then writes `last.ckpt` where `ModelCheckpoint` keeps
+  it, so `cli.py fit --ckpt_path last` continues the run.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write-then-rename checkpoints; `weights_only` loading with a clear error."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
+
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike,
+        map_location: Any = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        return load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool | None = None
+) -> dict[str, Any]:
+    """torch.load with `weights_only=True` unless told otherwise, and a one-sentence error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist: expected a .ckpt file there.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only is not False)
+    except (
+        OSError,
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        ValueError,
+    ) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"Checkpoint {path} cannot be read ({first[:200]}): it is truncated, corrupt or not "
+            "a checkpoint; resume from an earlier one."
+        ) from None
+
+
+class SaveOnSigterm(L.Callback):
+    """On SIGTERM, save `last.ckpt` beside ModelCheckpoint's files before the process exits."""
+
+    def __init__(self, filename: str = "last.ckpt") -> None:
+        self.filename = filename
+        self.saved: Path | None = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        callback = trainer.checkpoint_callback
+        dirpath = (
+            getattr(callback, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
+        )
+        self.saved = Path(dirpath) / self.filename
+        trainer.save_checkpoint(self.saved)
+        rank_zero_info(f"SIGTERM: saved {self.saved}; resume with --ckpt_path last")
+
+
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "SaveOnSigterm", "load_checkpoint"]
