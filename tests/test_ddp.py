@@ -56,7 +56,9 @@ def _mean_gradient_replay(record0: dict, record1: dict) -> dict[str, torch.Tenso
             return run
 
         critic_params = list(m.critic.parameters())
-        averaged_step(critic_params, critic_opt, [critic_closure(b, k) for k, b in enumerate(batches)])
+        averaged_step(
+            critic_params, critic_opt, [critic_closure(b, k) for k, b in enumerate(batches)]
+        )
 
         def actor_closure(b, k):
             def run():

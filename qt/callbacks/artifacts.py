@@ -1,9 +1,9 @@
-"""MLflow artifacts of a run: learning-curve plots and the final evaluation table.
+"""MLflow artifacts of a run: checkpoints, learning-curve plots and the final evaluation table.
 
-Checkpoints reach MLflow through the logger's `log_model: true` (best and last, at the end
-of fit) and the resolved config through `cli.py`'s config callback; this callback adds what
-is drawn from the run's own history. It does nothing without an MLflow logger and only on
-global rank 0.
+At the end of fit the best and last checkpoints (every ModelCheckpoint's) go to
+`checkpoints/`, and PNG plots drawn from the run's metric history to `plots/`; at the end of
+test, the evaluation table to `evaluation/table.txt`. The resolved config comes from
+`cli.py`'s config callback. Nothing happens without an MLflow logger, and only on rank 0.
 """
 
 from __future__ import annotations
@@ -60,6 +60,15 @@ class MLflowArtifacts(L.Callback):
         if logger is None:
             return
         client, run_id = logger.experiment, logger.run_id
+        # Lightning's `log_model` keeps only one ModelCheckpoint's files; log every one's
+        files = set()
+        for cb in trainer.checkpoint_callbacks:
+            for attr in ("best_model_path", "last_model_path"):
+                path = getattr(cb, attr, "")
+                if path and Path(path).is_file():
+                    files.add(Path(path))
+        for path in sorted(files):
+            client.log_artifact(run_id, str(path), "checkpoints")
         with tempfile.TemporaryDirectory() as tmp:
             for name, keys in PLOTS.items():
                 history = {}

@@ -32,3 +32,25 @@ class Probe(L.Callback):
         self.record["world_size"] = trainer.world_size
         out = Path(os.environ["QT_PROBE_DIR"]) / f"rank{trainer.global_rank}.pt"
         torch.save(self.record, out)
+
+
+class MetricsProbe(L.Callback):
+    """Saves to $QT_PROBE_DIR/metrics.pt the metrics the loop held at the end of every epoch
+    (after the evaluation callback logged its own) and the train metrics of every batch."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        values = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
+        }
+        self.steps.append(values)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save({"epochs": self.epochs, "steps": self.steps},
+                   Path(os.environ["QT_PROBE_DIR"]) / "metrics.pt")  # fmt: skip
