@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,6 +22,22 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 
 
+def _critic_loss(m, b, k, noise_gen, rewards) -> torch.Tensor:
+    loss, _, rewards[k] = m._critic_loss(b, noise_gen)  # the rewards the actor step sees
+    return loss
+
+
+def _actor_loss(m, b, rewards, coin) -> torch.Tensor:
+    hp = m.hparams
+    out = m.actor(b.states, b.actions, rewards, b.rtg[:, :-1], b.timesteps, b.mask)
+    bc = losses.bc_loss(out.action_preds, b.actions, out.state_preds, b.states, b.mask,
+                        reward_preds=out.reward_preds, rewards=rewards, scale=hp.scale)  # fmt: skip
+    m.critic.requires_grad_(False)  # the Q term does not train the critic
+    q1, q2 = m.critic(b.states, out.action_preds)
+    m.critic.requires_grad_(True)
+    return m.eta2 * bc + hp.eta * losses.q_loss(q1, q2, b.mask, coin)
+
+
 def _mean_gradient_replay(record0: dict, record1: dict) -> dict[str, torch.Tensor]:
     """The training step of QTModule, written out, with each rank's gradient averaged before
     clipping and stepping (what DDP's all-reduce does), then the target-network updates."""
@@ -33,7 +50,7 @@ def _mean_gradient_replay(record0: dict, record1: dict) -> dict[str, torch.Tenso
 
     def averaged_step(params, opt, closures):
         grads = []
-        for closure in closures:
+        for closure in closures:  # in order: the critic closures fill `rewards`
             opt.zero_grad(set_to_none=True)
             closure().backward()
             grads.append([p.grad.clone() for p in params])
@@ -46,35 +63,15 @@ def _mean_gradient_replay(record0: dict, record1: dict) -> dict[str, torch.Tenso
         batches = [Segments(*record0["batches"][i]), Segments(*record1["batches"][i])]
         coin_gen, noise_gen = m._step_generators()
         coin = losses.coin_flip(coin_gen)
-        rewards = {}
-
-        def critic_closure(b, k):
-            def run():
-                loss, _, rewards[k] = m._critic_loss(b, noise_gen)
-                return loss
-
-            return run
-
+        rewards: dict[int, torch.Tensor] = {}
         critic_params = list(m.critic.parameters())
-        averaged_step(
-            critic_params, critic_opt, [critic_closure(b, k) for k, b in enumerate(batches)]
-        )
-
-        def actor_closure(b, k):
-            def run():
-                out = m.actor(b.states, b.actions, rewards[k], b.rtg[:, :-1], b.timesteps, b.mask)
-                bc = losses.bc_loss(out.action_preds, b.actions, out.state_preds, b.states, b.mask,
-                                    reward_preds=out.reward_preds, rewards=rewards[k],
-                                    scale=hp["scale"])  # fmt: skip
-                m.critic.requires_grad_(False)
-                q1, q2 = m.critic(b.states, out.action_preds)
-                m.critic.requires_grad_(True)
-                return m.eta2 * bc + hp["eta"] * losses.q_loss(q1, q2, b.mask, coin)
-
-            return run
-
+        closures = [
+            partial(_critic_loss, m, b, k, noise_gen, rewards) for k, b in enumerate(batches)
+        ]
+        averaged_step(critic_params, critic_opt, closures)
         actor_params = list(m.actor.parameters())
-        averaged_step(actor_params, actor_opt, [actor_closure(b, k) for k, b in enumerate(batches)])
+        closures = [partial(_actor_loss, m, b, rewards[k], coin) for k, b in enumerate(batches)]
+        averaged_step(actor_params, actor_opt, closures)
         m._steps += 1
         with torch.no_grad():  # TargetNetworks: Polyak critic every step (no EMA before 1000)
             for t, s in zip(m.critic_target.parameters(), m.critic.parameters()):
