@@ -44,8 +44,12 @@ format: setup  ## ruff format in place
 	$(BIN)/ruff format qt tests bench cli.py
 	$(BIN)/ruff check --fix qt tests bench cli.py
 
-ui: setup  ## serve the MLflow UI for runs/ on 127.0.0.1
-	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-file:./runs/mlruns} --host 127.0.0.1 --port $${PORT:-5000}
+ui: setup  ## serve the MLflow UI for runs/ (or $MLFLOW_TRACKING_URI's store) on 127.0.0.1
+	@case "$${MLFLOW_TRACKING_URI:-}" in \
+	  http*) echo "Runs are on the tracking server $$MLFLOW_TRACKING_URI: open it in a browser." ;; \
+	  *) $(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/runs/mlflow.db}" \
+	       --host 127.0.0.1 --port $${PORT:-5000} ;; \
+	esac
 
 clean:  ## remove run outputs (keeps .venv and data)
 	rm -rf runs lightning_logs
