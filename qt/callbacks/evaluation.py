@@ -9,13 +9,16 @@ their returns and lengths are gathered with torchmetrics before anything is logg
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import CatMetric
 
 from qt.envs import make_env
@@ -59,6 +62,28 @@ class EvalSummary:
         return "\n".join(lines)
 
 
+def record_episode(policy, task: str, seed: int, path: Path, fps: int = 30) -> int:
+    """Play episode `seed` in a rendering environment and write its frames as an MP4."""
+    import imageio.v2 as imageio
+
+    from qt.evaluation import run_episodes
+
+    envs: list = []
+    frames: list = []
+
+    def env_fn():
+        env = make_env(task, render_mode="rgb_array")
+        envs.append(env)
+        return env
+
+    def grab(t: int, rows) -> None:
+        frames.append(envs[0].render())
+
+    run_episodes(policy, env_fn, [seed], num_envs=1, on_step=grab)
+    imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
+    return len(frames)
+
+
 class Evaluation(L.Callback):
     """Runs evaluation episodes at the end of training iterations and in `test`.
 
@@ -71,6 +96,12 @@ class Evaluation(L.Callback):
             `seed + 100_000 * e + i`, and of a test `seed + i`.
         max_ep_len: cap on episode length (default: the model's `max_ep_len`).
         task: the environment's task name (default: the data module's `task`).
+        record_video: after each evaluation, replay its first episode (same seed, so the
+            same actions) in a rendering environment and log it as `videos/<stage>.mp4` to
+            MLflow (rank 0). Needs offscreen MuJoCo (`MUJOCO_GL=egl` or `osmesa`, set here
+            to egl when unset) and `pip install 'qt[video]'`; where either is missing it
+            says so once and goes on without videos.
+        video_fps: frames per second of the videos.
     """
 
     def __init__(
@@ -82,6 +113,8 @@ class Evaluation(L.Callback):
         seed: int = 0,
         max_ep_len: int | None = None,
         task: str | None = None,
+        record_video: bool = False,
+        video_fps: int = 30,
     ) -> None:
         for name, v in (("num_eval_episodes", num_eval_episodes), ("test_episodes", test_episodes),
                         ("eval_every_n_epochs", eval_every_n_epochs)):  # fmt: skip
@@ -94,6 +127,9 @@ class Evaluation(L.Callback):
         self.seed = seed
         self.max_ep_len = max_ep_len
         self.task = task
+        self.record_video, self.video_fps = record_video, video_fps
+        if record_video:
+            os.environ.setdefault("MUJOCO_GL", "egl")  # read when mujoco is first imported
         self.best: dict[str, float] = {}
         self.last_summary: EvalSummary | None = None
 
@@ -104,6 +140,7 @@ class Evaluation(L.Callback):
             return
         seeds = [self.seed + 100_000 * epoch + i for i in range(self.num_eval_episodes)]
         summary = self.evaluate(trainer, pl_module, seeds)
+        self._video(trainer, pl_module, seeds[0], f"epoch{epoch:04d}")
         metrics = summary.metrics("eval")
         for key in ("eval/return_mean", "eval/normalized_score"):
             best_key = key.replace("eval/", "eval/best_")
@@ -114,6 +151,7 @@ class Evaluation(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         seeds = [self.seed + i for i in range(self.test_episodes)]
         summary = self.evaluate(trainer, pl_module, seeds)
+        self._video(trainer, pl_module, seeds[0], "test")
         pl_module.log_dict(summary.metrics("test"), sync_dist=False)
         rank_zero_info(f"Evaluation of {self._task_name(trainer)}:\n{summary.table()}")
 
@@ -123,28 +161,13 @@ class Evaluation(L.Callback):
     ) -> EvalSummary:
         """Run this rank's share of the episodes and gather every rank's results."""
         from qt.evaluation import run_episodes  # acting code is loaded only when it acts
-        from qt.policy import QTPolicy
 
-        hp = pl_module.hparams
         task_name = self._task_name(trainer)
         ref_min, ref_max = self._ref_scores(trainer, task_name)
         mine = seeds[trainer.global_rank :: trainer.world_size]
         was_training = pl_module.actor.training
         pl_module.actor.eval()
-        policy = QTPolicy(
-            pl_module.actor,
-            pl_module.critic_target,  # the target critic scores actions (QT_SPEC §4)
-            state_mean=pl_module.state_mean,
-            state_std=pl_module.state_std,
-            scale=hp.scale,
-            env_targets=list(hp.env_targets),
-            K=hp.K,
-            max_ep_len=self.max_ep_len or hp.max_ep_len,
-            num_candidates=hp.num_candidates,
-            rtg_no_q=hp.rtg_no_q,
-            infer_no_q=hp.infer_no_q,
-            device=pl_module.device,
-        )
+        policy = self._policy(trainer, pl_module)
         returns, lengths = CatMetric(), CatMetric()
         returns, lengths = returns.to(pl_module.device), lengths.to(pl_module.device)
         if mine:
@@ -160,6 +183,50 @@ class Evaluation(L.Callback):
         )
         self.last_summary = summary
         return summary
+
+    def _policy(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        from qt.policy import QTPolicy
+
+        hp = pl_module.hparams
+        return QTPolicy(
+            pl_module.actor,
+            pl_module.critic_target,  # the target critic scores actions (QT_SPEC §4)
+            state_mean=pl_module.state_mean,
+            state_std=pl_module.state_std,
+            scale=hp.scale,
+            env_targets=list(hp.env_targets),
+            K=hp.K,
+            max_ep_len=self.max_ep_len or hp.max_ep_len,
+            num_candidates=hp.num_candidates,
+            rtg_no_q=hp.rtg_no_q,
+            infer_no_q=hp.infer_no_q,
+            device=pl_module.device,
+        )
+
+    def _video(self, trainer: L.Trainer, pl_module: L.LightningModule, seed: int, name: str):
+        """Replay episode `seed` with rendering and log it as an MP4 (rank 0, MLflow)."""
+        if not self.record_video or trainer.global_rank != 0:
+            return
+        logger = next((lg for lg in trainer.loggers if hasattr(lg, "run_id")), None)
+        if logger is None:
+            return
+        was_training = pl_module.actor.training
+        pl_module.actor.eval()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"{name}.mp4"
+                record_episode(self._policy(trainer, pl_module), self._task_name(trainer), seed,
+                               path, fps=self.video_fps)  # fmt: skip
+                logger.experiment.log_artifact(logger.run_id, str(path), "videos")
+        except Exception as err:  # no offscreen GL, no imageio/ffmpeg, ...
+            self.record_video = False
+            rank_zero_warn(
+                f"Rollout videos are off: recording failed ({type(err).__name__}: {err}). They "
+                "need offscreen MuJoCo (MUJOCO_GL=egl or osmesa with the system's EGL or OSMesa "
+                "libraries) and `pip install 'qt[video]'`."
+            )
+        finally:
+            pl_module.actor.train(was_training)
 
     def _task_name(self, trainer: L.Trainer) -> str:
         if self.task is not None:

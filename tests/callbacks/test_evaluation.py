@@ -94,3 +94,53 @@ def test_ddp_evaluation_runs_each_episode_once(tmp_path):
         assert sorted(r["lengths"]) == sorted(alone.lengths.tolist())
         assert sorted(r["returns"]) == sorted(alone.returns.tolist())
         assert len(r["returns"]) == len(seeds)
+
+
+def _can_render() -> bool:
+    os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen, as Evaluation(record_video) sets it
+    try:
+        import imageio  # noqa: F401
+
+        from qt.envs import make_env
+
+        env = make_env("maze2d-umaze-v1", render_mode="rgb_array")
+        env.reset(seed=0)
+        ok = env.render() is not None
+        env.close()
+        return ok
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _can_render(), reason="no offscreen MuJoCo rendering or imageio here")
+def test_record_episode_writes_one_frame_per_step(tmp_path):
+    import imageio.v2 as imageio
+
+    from qt.callbacks.evaluation import record_episode
+
+    module = _tiny_module().eval()
+    policy = Evaluation(task="maze2d-umaze-v1", max_ep_len=6)._policy(
+        SimpleNamespace(global_rank=0, world_size=1, datamodule=None), module
+    )
+    n = record_episode(policy, "maze2d-umaze-v1", 3, tmp_path / "ep.mp4", fps=10)
+    frames = imageio.mimread(tmp_path / "ep.mp4")
+    assert n == len(frames) == 6 and frames[0].ndim == 3
+
+
+def test_video_failure_is_said_once_and_evaluation_goes_on(monkeypatch):
+    import qt.callbacks.evaluation as ev
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no GL context")
+
+    monkeypatch.setattr(ev, "record_episode", broken)
+    logger = SimpleNamespace(run_id="r", experiment=SimpleNamespace(log_artifact=None))
+    trainer = SimpleNamespace(global_rank=0, world_size=1, datamodule=None, loggers=[logger])
+    cb = Evaluation(task="maze2d-umaze-v1", record_video=True)
+    with pytest.warns(UserWarning, match="Rollout videos are off: recording failed"):
+        cb._video(trainer, _tiny_module(), 0, "epoch0000")
+    cb._video(trainer, _tiny_module(), 1, "epoch0001")  # said once: no second attempt
+    assert calls == [1] and cb.record_video is False
