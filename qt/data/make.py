@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "--work-dir",
         type=Path,
         default=None,
-        help="locomotion: policy checkpoints (default: <out>/../work/<name>)",
+        help="locomotion: SAC checkpoints (default: <out>/../work/<family>)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing dataset")
     args, unknown = parser.parse_known_args(argv)
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         root = args.out or default_minari_root()
         hdf5_path = args.hdf5_out or root.resolve().parent / "d4rl" / _hdf5_file_name(args.name)
-        work_dir = args.work_dir or root.resolve().parent / "work" / args.name
+        # one work dir per family: medium, medium-replay and medium-expert share a SAC run
+        work_dir = args.work_dir or root.resolve().parent / "work" / args.name.split("-", 1)[0]
         # refuse before spending minutes generating
         if (root / "qt" / args.name).exists() and not args.force:
             raise FileExistsError(
