@@ -269,7 +269,7 @@ class SACRun:
         state = dict(
             state,
             torch_rng=torch.get_rng_state(),
-            np_rng=np.random.get_state(),
+            np_rng=np.random.get_state(),  # noqa: NPY002 (SB3 samples with it)
         )
         with open(new / "state.pkl", "wb") as f:
             pickle.dump(state, f)
@@ -289,7 +289,7 @@ class SACRun:
             state = pickle.load(f)
         # SAC.load re-seeds the global generators; the run continues from the saved ones.
         torch.set_rng_state(state.pop("torch_rng"))
-        np.random.set_state(state.pop("np_rng"))
+        np.random.set_state(state.pop("np_rng"))  # noqa: NPY002
         return model, state
 
     def _new(self, env):
