@@ -129,7 +129,7 @@ def rollout(
         for i, env in enumerate(envs):
             ep = episodes[slot_ep[i]]
             nxt, reward, terminated, truncated, _ = env.step(actions[i])
-            ep["obs"].append(obs[i])
+            ep["obs"].append(obs[i].copy())  # obs[i] is overwritten below
             ep["act"].append(actions[i])
             ep["rew"].append(reward)
             if terminated or truncated or len(ep["rew"]) >= max_episode_steps:

@@ -143,7 +143,8 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
             f"dataset        {ds.name} (evaluation env {ds.env_id})",
             f"steps          {len(a['rewards'])}",
             f"episodes       {len(bounds)} (length mean {lengths.mean():.1f}, max {lengths.max()})",
-            f"return         mean {returns.mean():.3f}, std {returns.std():.3f}, max {returns.max():.3f}",
+            f"return         mean {returns.mean():.3f}, std {returns.std():.3f}, "
+            f"min {returns.min():.3f}, max {returns.max():.3f}",
             f"reward         mean per step {np.mean(a['rewards']):.4f}",
             f"ref scores     min {ds.ref_min_score:.2f}, max {ds.ref_max_score:.2f}",
             f"time           {seconds:.1f} s",
@@ -210,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    progress = _Progress(_total_steps(args.name, args.steps), args.name)
+    # the locomotion generator draws its own bars (SAC training, then rollouts)
+    progress = (
+        _Progress(_total_steps(args.name, args.steps), args.name) if family == "maze2d" else None
+    )
     try:
         ds = generate(
             args.name,
@@ -221,10 +225,11 @@ def main(argv: list[str] | None = None) -> int:
             progress=progress,
         )
     except (ValueError, FileNotFoundError) as err:
-        progress.close()
         print(f"error: {err}", file=sys.stderr)
         return 2
-    progress.close()
+    finally:
+        if progress is not None:
+            progress.close()
     path = write_minari(ds, root, force=args.force)
     print(f"wrote Minari dataset qt/{ds.name} to {path}")
     if args.d4rl_hdf5:

@@ -66,6 +66,10 @@ def _eval_env_spec(env_id: str) -> gym.envs.registration.EnvSpec | None:
     except (ImportError, ValueError, gym.error.Error):
         return None
     spec = env.spec
+    try:  # Minari stores the spec as JSON; wrappers built from lambdas cannot be
+        spec.to_json()
+    except (ValueError, TypeError, gym.error.Error):
+        spec = env.unwrapped.spec  # the registered env itself (e.g. Hopper-v4, limit 1000)
     env.close()
     return spec
 
