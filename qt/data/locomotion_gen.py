@@ -234,6 +234,11 @@ class SACRun:
         self.checkpoint_every = checkpoint_every
         self.progress, self.on_step = progress, on_step
 
+    @property
+    def _buffer_size(self) -> int:
+        # the budget is checked at episode ends, so a run may pass it by one episode
+        return self.budget + self.config["max_episode_steps"]
+
     # -- checkpoint files ---------------------------------------------------------------
     @property
     def ckpt(self) -> Path:
@@ -298,7 +303,7 @@ class SACRun:
         model = SAC(
             "MlpPolicy",
             env,
-            buffer_size=self.budget,  # never wraps: the whole run is kept for medium-replay
+            buffer_size=self._buffer_size,  # never wraps: the run is kept for medium-replay
             learning_starts=self.config["learning_starts"],
             seed=_stream_seed(self.seed, "sac"),
             device="cpu",
@@ -367,7 +372,7 @@ class SACRun:
         if state["done"]:
             env.close()
             return model, state
-        _grow_buffer(model.replay_buffer, self.budget)
+        _grow_buffer(model.replay_buffer, self._buffer_size)
         model.set_logger(configure(None, []))
         bar = tqdm(
             total=self.budget,

@@ -22,6 +22,13 @@ from qt.data.writers import episode_bounds, write_d4rl_hdf5, write_minari
 
 LOCOMOTION = ("hopper", "halfcheetah", "walker2d")
 DEFAULT_MINARI_ROOT = Path("data") / "minari"
+LOCOMOTION_HELP = """locomotion options (hopper/halfcheetah/walker2d-*, see qt.data.locomotion_gen):
+  --sac-steps N          medium SAC run's budget of env steps (default 1000000)
+  --target-return R      medium run stops at this evaluation return (default ref_max / 3)
+  --expert-sac-steps N   expert SAC run's budget (default 1000000)
+  --eval-every N, --eval-episodes N, --learning-starts N, --checkpoint-every N,
+  --n-envs N, --deterministic, --max-episode-steps N, --progress 0
+A stopped run resumes from its checkpoint under --work-dir when run again."""
 
 
 def default_minari_root() -> Path:
@@ -155,7 +162,10 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m qt.data.make", description=__doc__.split("\n")[0]
+        prog="python -m qt.data.make",
+        description=__doc__.split("\n")[0],
+        epilog=LOCOMOTION_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", help="qt task name, e.g. maze2d-umaze-v1 or hopper-medium-v2")
     parser.add_argument("--steps", type=int, default=None, help="dataset size (default: D4RL's)")

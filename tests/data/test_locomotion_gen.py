@@ -252,3 +252,17 @@ def test_bad_names_and_sizes_are_reported():
         lg.generate("hopper-mediocre-v2", steps=10)
     with pytest.raises(ValueError, match="positive"):
         lg.generate("hopper-random-v2", steps=0)
+
+
+def test_medium_expert_is_medium_then_expert(tiny_run):
+    work = tiny_run[0]
+    kw = dict(TINY, expert_sac_steps=120)
+    medium = lg.generate("hopper-medium-v2", steps=150, seed=0, work_dir=work, **kw)
+    expert = lg.generate("hopper-expert-v2", steps=150, seed=0, work_dir=work, **kw)
+    both = lg.generate("hopper-medium-expert-v2", steps=150, seed=0, work_dir=work, **kw)
+    for key in medium.arrays:
+        np.testing.assert_array_equal(
+            both.arrays[key], np.concatenate([medium.arrays[key], expert.arrays[key]]), key
+        )
+    assert expert.metadata["expert_sac"]["sac_steps"] >= 120  # the whole budget was trained
+    assert not np.allclose(medium.arrays["actions"], expert.arrays["actions"])
