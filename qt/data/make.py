@@ -22,6 +22,13 @@ from qt.data.writers import episode_bounds, write_d4rl_hdf5, write_minari
 
 LOCOMOTION = ("hopper", "halfcheetah", "walker2d")
 DEFAULT_MINARI_ROOT = Path("data") / "minari"
+LOCOMOTION_HELP = """locomotion options (hopper/halfcheetah/walker2d-*, see qt.data.locomotion_gen):
+  --sac-steps N          medium SAC run's budget of env steps (default 1000000)
+  --target-return R      medium run stops at this evaluation return (default ref_max / 3)
+  --expert-sac-steps N   expert SAC run's budget (default 1000000)
+  --eval-every N, --eval-episodes N, --learning-starts N, --checkpoint-every N,
+  --n-envs N, --deterministic, --max-episode-steps N, --progress 0
+A stopped run resumes from its checkpoint under --work-dir when run again."""
 
 
 def default_minari_root() -> Path:
@@ -143,7 +150,8 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
             f"dataset        {ds.name} (evaluation env {ds.env_id})",
             f"steps          {len(a['rewards'])}",
             f"episodes       {len(bounds)} (length mean {lengths.mean():.1f}, max {lengths.max()})",
-            f"return         mean {returns.mean():.3f}, std {returns.std():.3f}, max {returns.max():.3f}",
+            f"return         mean {returns.mean():.3f}, std {returns.std():.3f}, "
+            f"min {returns.min():.3f}, max {returns.max():.3f}",
             f"reward         mean per step {np.mean(a['rewards']):.4f}",
             f"ref scores     min {ds.ref_min_score:.2f}, max {ds.ref_max_score:.2f}",
             f"time           {seconds:.1f} s",
@@ -154,7 +162,10 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m qt.data.make", description=__doc__.split("\n")[0]
+        prog="python -m qt.data.make",
+        description=__doc__.split("\n")[0],
+        epilog=LOCOMOTION_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", help="qt task name, e.g. maze2d-umaze-v1 or hopper-medium-v2")
     parser.add_argument("--steps", type=int, default=None, help="dataset size (default: D4RL's)")
@@ -178,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "--work-dir",
         type=Path,
         default=None,
-        help="locomotion: policy checkpoints (default: <out>/../work/<name>)",
+        help="locomotion: SAC checkpoints (default: <out>/../work/<family>)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing dataset")
     args, unknown = parser.parse_known_args(argv)
@@ -195,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         root = args.out or default_minari_root()
         hdf5_path = args.hdf5_out or root.resolve().parent / "d4rl" / _hdf5_file_name(args.name)
-        work_dir = args.work_dir or root.resolve().parent / "work" / args.name
+        # one work dir per family: medium, medium-replay and medium-expert share a SAC run
+        work_dir = args.work_dir or root.resolve().parent / "work" / args.name.split("-", 1)[0]
         # refuse before spending minutes generating
         if (root / "qt" / args.name).exists() and not args.force:
             raise FileExistsError(
@@ -209,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    progress = _Progress(_total_steps(args.name, args.steps), args.name)
+    # the locomotion generator draws its own bars (SAC training, then rollouts)
+    progress = (
+        _Progress(_total_steps(args.name, args.steps), args.name) if family == "maze2d" else None
+    )
     try:
         ds = generate(
             args.name,
@@ -220,10 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             progress=progress,
         )
     except (ValueError, FileNotFoundError) as err:
-        progress.close()
         print(f"error: {err}", file=sys.stderr)
         return 2
-    progress.close()
+    finally:
+        if progress is not None:
+            progress.close()
     path = write_minari(ds, root, force=args.force)
     print(f"wrote Minari dataset qt/{ds.name} to {path}")
     if args.d4rl_hdf5:
