@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import CatMetric
 
 from qt.envs import make_env
@@ -153,7 +153,8 @@ class Evaluation(L.Callback):
         summary = self.evaluate(trainer, pl_module, seeds)
         self._video(trainer, pl_module, seeds[0], "test")
         pl_module.log_dict(summary.metrics("test"), sync_dist=False)
-        rank_zero_info(f"Evaluation of {self._task_name(trainer)}:\n{summary.table()}")
+        if trainer.global_rank == 0:  # the table is what `cli.py test` prints
+            print(f"Evaluation of {self._task_name(trainer)}:\n{summary.table()}", flush=True)
 
     # ------------------------------------------------------------------ the work
     def evaluate(
@@ -188,13 +189,15 @@ class Evaluation(L.Callback):
         from qt.policy import QTPolicy
 
         hp = pl_module.hparams
+        # a module built without the data's facts acts with the registry's targets
+        targets = hp.env_targets or get_task(self._task_name(trainer)).env_targets
         return QTPolicy(
             pl_module.actor,
             pl_module.critic_target,  # the target critic scores actions (QT_SPEC §4)
             state_mean=pl_module.state_mean,
             state_std=pl_module.state_std,
             scale=hp.scale,
-            env_targets=list(hp.env_targets),
+            env_targets=list(targets),
             K=hp.K,
             max_ep_len=self.max_ep_len or hp.max_ep_len,
             num_candidates=hp.num_candidates,
