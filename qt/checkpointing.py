@@ -105,7 +105,8 @@ class SaveOnSigterm(L.Callback):
             getattr(callback, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
         )
         self.saved = Path(dirpath) / self.filename
-        trainer.save_checkpoint(self.saved)
+        # the full state (optimisers, schedulers, callbacks), as ModelCheckpoint writes it
+        trainer.save_checkpoint(self.saved, weights_only=False)
         rank_zero_info(f"SIGTERM: saved {self.saved}; resume with --ckpt_path last")
 
 

@@ -242,6 +242,10 @@ class QTPolicy:
         win = self.window()
         rtg, group_rtg, group_of = self._candidates(win)  # (E, N, K), (E, U, K), (N,)
         E, N, K = rtg.shape
+        if self.infer_no_q:
+            # Candidate 0 is the first target's own history (no noise, never the Q candidate),
+            # so its action needs that one window; the draws above keep the streams in step.
+            return self._all_candidates(win, rtg[:, :1])[:, 0].float().cpu().numpy()
         shared = self.share_prefix and K >= 2 and not self.actor.sar and not self.actor.training
         if shared:
             preds = self.actor.newest_actions(
@@ -250,16 +254,13 @@ class QTPolicy:
             )  # fmt: skip
         else:
             preds = self._all_candidates(win, rtg)
-        if self.infer_no_q:
-            chosen = preds[:, 0]
-        else:
-            last_state = win["states"][:, -1][:, None].expand(E, N, self.state_dim)
-            q = self.critic.q_min(last_state, preds)[..., 0]  # (E, N)
-            probs = torch.softmax(q.float(), dim=-1).cpu()
-            idx = torch.cat(
-                [torch.multinomial(probs[e], 1, generator=g) for e, g in enumerate(self.generators)]
-            )
-            chosen = preds[torch.arange(E, device=preds.device), idx.to(preds.device)]
+        last_state = win["states"][:, -1][:, None].expand(E, N, self.state_dim)
+        q = self.critic.q_min(last_state, preds)[..., 0]  # (E, N)
+        probs = torch.softmax(q.float(), dim=-1).cpu()
+        idx = torch.cat(
+            [torch.multinomial(probs[e], 1, generator=g) for e, g in enumerate(self.generators)]
+        )
+        chosen = preds[torch.arange(E, device=preds.device), idx.to(preds.device)]
         return chosen.float().cpu().numpy()
 
 

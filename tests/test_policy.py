@@ -134,9 +134,19 @@ def test_the_pick_follows_the_critic_and_infer_no_q_takes_candidate_zero():
     best = seen["preds"][torch.arange(3), seen["preds"][..., 0].argmax(dim=1)]
     assert torch.equal(torch.as_tensor(chosen), best)
     assert len({tuple(p[:, 0].tolist()) for p in seen["preds"]}) == 3  # candidates differ
+    # infer_no_q: candidate 0's action, computed from its window alone; the candidates' noise
+    # is still drawn, so the generators stay where an infer_no_q step of the reference leaves them
+    twin = _policy(actor, _PreferFirstComponent(), [300.0, 150.0, 20.0], rtg_no_q=True)
+    twin.reset(np.zeros((3, S)), seeds=[1, 2, 3])
+    _advance(twin, 3, np.random.default_rng(1))
+    twin.act()
+    twin._candidates(twin.window())
+    policy.actor = real_actor
     policy.infer_no_q = True
     first = policy.act()
-    assert torch.equal(torch.as_tensor(first), seen["preds"][:, 0])
+    torch.testing.assert_close(torch.as_tensor(first), seen["preds"][:, 0], rtol=1e-6, atol=1e-6)
+    for mine, theirs in zip(policy.generators, twin.generators, strict=True):
+        assert torch.equal(mine.get_state(), theirs.get_state())
 
 
 @pytest.mark.parametrize("targets", [[300.0, 150.0], [300, 200, 150, 100, 50, 20]])
