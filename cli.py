@@ -70,6 +70,13 @@ class QTCLI(LightningCLI):
         parser.link_arguments(
             "data.num_steps_per_iter", "trainer.limit_train_batches", apply_on="parse"
         )
+        parser.add_argument(
+            "--episodes",
+            type=int | None,
+            default=None,
+            help="cli.py test/validate: evaluation episodes (sets Evaluation.test_episodes; "
+            "10 by default, 100 for final numbers).",
+        )
         for name in ("state_dim", "act_dim", "max_ep_len", "scale"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
         for name in ("state_mean", "state_std", "env_targets"):
@@ -87,6 +94,29 @@ class QTCLI(LightningCLI):
                 init_args["run_name"] = f"{config['data']['task']}-seed{config['seed_everything']}"
             if self.subcommand == "fit" and config.get("ckpt_path") == "last":
                 config["ckpt_path"] = _resume_last(init_args)
+
+    def _set_test_episodes(self) -> None:
+        episodes = self.config[self.subcommand].get("episodes")
+        if episodes is None:
+            return
+        if episodes < 1:
+            raise SystemExit(f"error: --episodes {episodes}: expected a whole number >= 1.")
+        from qt.callbacks.evaluation import Evaluation
+
+        found = [cb for cb in self.trainer.callbacks if isinstance(cb, Evaluation)]
+        if not found:
+            raise SystemExit(
+                "error: --episodes: the config has no qt.callbacks.evaluation.Evaluation callback "
+                "in trainer.callbacks to run them."
+            )
+        for cb in found:
+            cb.test_episodes = episodes
+
+    def before_test(self) -> None:
+        self._set_test_episodes()
+
+    def before_validate(self) -> None:
+        self._set_test_episodes()
 
 
 def _resume_last(init_args) -> str:

@@ -57,3 +57,17 @@ class MLFlowLogger(_MLFlowLogger):
     @property
     def save_dir(self) -> str | None:
         return self._qt_save_dir
+
+    @property
+    def experiment(self):
+        # mlflow.set_tracking_uri, which Lightning's logger calls, also exports the URI as
+        # MLFLOW_TRACKING_URI; put the variable back, so that a later logger in this process
+        # (or a child process) honours only what the user set.
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            return super().experiment
+        finally:
+            if before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before

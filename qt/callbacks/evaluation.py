@@ -149,10 +149,20 @@ class Evaluation(L.Callback):
         pl_module.log_dict(metrics, on_epoch=True, sync_dist=False, rank_zero_only=False)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._final(trainer, pl_module, "test")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # `cli.py validate` runs the test protocol and logs under eval/; a fit evaluates at the
+        # end of its iterations instead (on_train_epoch_end).
+        if trainer.state.fn == "validate":
+            self._final(trainer, pl_module, "eval")
+
+    def _final(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> None:
+        """`test_episodes` episodes seeded seed, seed + 1, ...; logged and printed as a table."""
         seeds = [self.seed + i for i in range(self.test_episodes)]
         summary = self.evaluate(trainer, pl_module, seeds)
-        self._video(trainer, pl_module, seeds[0], "test")
-        pl_module.log_dict(summary.metrics("test"), sync_dist=False)
+        self._video(trainer, pl_module, seeds[0], prefix)
+        pl_module.log_dict(summary.metrics(prefix), sync_dist=False)
         if trainer.global_rank == 0:  # the table is what `cli.py test` prints
             print(f"Evaluation of {self._task_name(trainer)}:\n{summary.table()}", flush=True)
 

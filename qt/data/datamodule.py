@@ -190,6 +190,13 @@ class QTDataModule(L.LightningDataModule):
         callback), not on the dataset."""
         return DataLoader([torch.zeros(1)], batch_size=None)
 
+    def val_dataloader(self) -> DataLoader | list:
+        """`cli.py validate` evaluates in the environment like test; a fit gets no validation
+        batches (the Evaluation callback acts at the end of each iteration instead)."""
+        if self.trainer is not None and self.trainer.state.fn == "validate":
+            return self.test_dataloader()
+        return []
+
     def state_dict(self) -> dict:
         return {"seed": None if self.seed is None else int(self.seed), "task": self.task}
 

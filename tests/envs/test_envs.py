@@ -22,8 +22,6 @@ from qt.tasks import get_task
 )  # fmt: skip
 def test_spaces_match_registry(name: str) -> None:
     task = get_task(name)
-    if task.family == "maze2d":
-        pytest.importorskip("qt.envs.maze2d", reason="the Maze2D factory lives on the maze branch")
     env = make_env(name, seed=0)
     try:
         assert env.observation_space.shape == (task.state_dim,)

@@ -1,0 +1,99 @@
+"""`cli.py test` and `cli.py validate` on a checkpoint of a tiny fit: the checkpoint's networks
+act, `--episodes` sets the episode count, the table is printed, and the episodes' returns
+equal the same seeds run one at a time through `run_episodes`."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+from qt.callbacks.evaluation import Evaluation
+from qt.checkpointing import load_checkpoint
+from qt.data.maze2d_gen import generate
+from qt.data.writers import write_d4rl_hdf5
+from qt.envs import make_env
+from qt.evaluation import run_episodes
+from qt.policy import QTPolicy
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+TASK = "maze2d-umaze-dense-v1"  # dense rewards: every step's action shows in the return
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A one-iteration tiny fit; its last.ckpt and the data file."""
+    root = tmp_path_factory.mktemp("cli_eval")
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    ds = generate(TASK, steps=2000, seed=0, ref_episodes=1, max_episode_steps=60)
+    data = write_d4rl_hdf5(ds, root / "maze2d-umaze-dense-v1.hdf5")
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.chdir(root)
+        cli.main(["fit", "--config", TINY, "--data.path", str(data), "--data.task", TASK,
+                  "--seed_everything", "3", "--trainer.max_epochs", "1"])  # fmt: skip
+    [last] = root.glob("runs/*/*/checkpoints/last.ckpt")
+    # the fit's store does not leak into the environment (mlflow.set_tracking_uri exports it)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == user_uri
+    return root, data, last
+
+
+def _run(root: Path, argv: list[str]):
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.chdir(root)
+        return cli.main(argv)
+
+
+def _evaluation(run) -> Evaluation:
+    [cb] = [c for c in run.trainer.callbacks if isinstance(c, Evaluation)]
+    return cb
+
+
+def _one_at_a_time(module, cb: Evaluation, seeds: list[int]) -> np.ndarray:
+    hp = module.hparams
+    policy = QTPolicy(module.actor.eval(), module.critic_target, state_mean=module.state_mean,
+                      state_std=module.state_std, scale=hp.scale, env_targets=list(hp.env_targets),
+                      K=hp.K, max_ep_len=cb.max_ep_len, num_candidates=hp.num_candidates)  # fmt: skip
+    return run_episodes(policy, lambda: make_env(TASK), seeds, num_envs=1).returns
+
+
+def test_test_and_validate_act_with_the_checkpoint(fitted, capsys):
+    root, data, last = fitted
+    common = ["--config", TINY, "--data.path", str(data), "--data.task", TASK, "--ckpt_path",
+              str(last)]  # fmt: skip
+    run = _run(root, ["test", *common, "--episodes", "3"])
+    out = capsys.readouterr().out
+    assert f"Evaluation of {TASK}" in out and "(3 episodes)" in out
+    cb = _evaluation(run)
+    assert cb.test_episodes == 3 and len(cb.last_summary.returns) == 3
+    # the networks that acted are the checkpoint's, not a fresh initialisation
+    saved = load_checkpoint(last)["state_dict"]
+    for name, value in run.model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    seeds = [cb.seed + i for i in range(3)]
+    want = _one_at_a_time(run.model, cb, seeds)
+    np.testing.assert_allclose(cb.last_summary.returns, want, rtol=1e-6)
+    assert len(set(want.round(6))) == 3  # three different episodes, each with its own return
+    row = next(line for line in out.splitlines() if line.startswith("return"))
+    assert float(row.split()[1]) == pytest.approx(want.mean(), abs=0.01)
+
+    # validate: the same protocol and seeds, logged under eval/
+    run = _run(root, ["validate", *common, "--episodes", "2"])
+    cb = _evaluation(run)
+    np.testing.assert_allclose(cb.last_summary.returns, want[:2], rtol=1e-6)
+    logged = run.trainer.callback_metrics
+    assert float(logged["eval/return_mean"]) == pytest.approx(want[:2].mean(), rel=1e-5)
+
+
+def test_bad_episode_count_is_one_sentence(fitted):
+    root, data, last = fitted
+    with pytest.raises(SystemExit, match=r"--episodes 0: expected a whole number >= 1"):
+        _run(root, ["test", "--config", TINY, "--data.path", str(data), "--data.task", TASK,
+                    "--ckpt_path", str(last), "--episodes", "0"])  # fmt: skip
