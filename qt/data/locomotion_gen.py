@@ -503,35 +503,24 @@ def generate(
     t0 = time.perf_counter()
     meta: dict = dict(family=family, kind=kind, seed=seed, protocol="D4RL", env="-v4")
 
+    def sac_run(level: str, budget: int, target: float | None) -> tuple[object, dict]:
+        """Train (or resume) the `level` SAC run under `work_dir`."""
+        run = SACRun(family, work_dir / f"sac-{level}-seed{seed}", budget=budget,
+                     target_return=target, **common)  # fmt: skip
+        return run.train()
+
+    def last_eval(state: dict):
+        return state["evals"][-1] if state["evals"] else None
+
     def medium_run() -> tuple[object, dict]:
-        run = SACRun(
-            family,
-            work_dir / f"sac-medium-seed{seed}",
-            budget=sac_steps,
-            target_return=target_return,
-            **common,
-        )
-        model, state = run.train()
-        meta["medium_sac"] = dict(
-            sac_steps=state["steps"],
-            episodes=state["episodes"],
-            target_return=target_return,
-            last_eval=state["evals"][-1] if state["evals"] else None,
-        )
+        model, state = sac_run("medium", sac_steps, target_return)
+        meta["medium_sac"] = dict(sac_steps=state["steps"], episodes=state["episodes"],
+                                  target_return=target_return, last_eval=last_eval(state))  # fmt: skip
         return model, state
 
     def expert_run():
-        run = SACRun(
-            family,
-            work_dir / f"sac-expert-seed{seed}",
-            budget=expert_sac_steps,
-            target_return=None,
-            **common,
-        )
-        model, state = run.train()
-        meta["expert_sac"] = dict(
-            sac_steps=state["steps"], last_eval=state["evals"][-1] if state["evals"] else None
-        )
+        model, state = sac_run("expert", expert_sac_steps, None)
+        meta["expert_sac"] = dict(sac_steps=state["steps"], last_eval=last_eval(state))
         return model
 
     def sac_rollout(model, stream: str) -> dict[str, np.ndarray]:

@@ -2,10 +2,7 @@
 replaying them in the real environment, medium-replay against the SAC run it comes from,
 resuming a stopped SAC run, the CLI's atomicity and the D4RL-hdf5 round trip."""
 
-import os
-
 import h5py
-import minari
 import numpy as np
 import pytest
 
@@ -14,6 +11,7 @@ from qt.data import make
 from qt.data.writers import write_d4rl_hdf5
 from qt.envs.locomotion import make_locomotion_env
 from qt.tasks import get_task
+from tests.support.minari_store import load
 
 # A tiny SAC run: 50 random steps, then SB3 updates; stops at the first evaluation past 150
 # steps (any return crosses the target), checkpoints about every 20 steps.
@@ -176,18 +174,6 @@ def test_other_settings_for_a_stored_run_are_refused(tiny_run):
         lg.generate(
             "hopper-medium-v2", steps=10, seed=0, work_dir=work, **dict(TINY, eval_every=300)
         )
-
-
-def load(root, name):
-    old = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(root)
-    try:
-        return minari.load_dataset(f"qt/{name}")
-    finally:
-        if old is None:
-            del os.environ["MINARI_DATASETS_PATH"]
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = old
 
 
 def test_stopped_cli_generation_leaves_nothing_that_loads(tmp_path, monkeypatch, tiny_run):

@@ -4,13 +4,13 @@ import json
 import os
 
 import h5py
-import minari
 import numpy as np
 import pytest
 
 from qt.data import make, writers
 from qt.data.generated import GeneratedDataset
 from qt.data.maze2d_gen import generate
+from tests.support.minari_store import load as load_store
 
 
 @pytest.fixture(scope="module")
@@ -19,15 +19,7 @@ def small():
 
 
 def load(root, name="maze2d-umaze-v1"):
-    old = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(root)
-    try:
-        return minari.load_dataset(f"qt/{name}")
-    finally:
-        if old is None:
-            del os.environ["MINARI_DATASETS_PATH"]
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = old
+    return load_store(root, name)
 
 
 def flat_from_minari(ds):
