@@ -31,7 +31,7 @@ test-all: setup  ## every test this machine can run, slow ones included
 	$(BIN)/python -m pytest -q -m "not gpu or gpu"
 
 data: setup  ## generate the maze2d-umaze dataset at D4RL's size (1M steps)
-	$(BIN)/python -m qt.data.make maze2d-umaze-v1
+	$(BIN)/python -m qt.datagen maze2d-umaze-v1
 
 bench: setup  ## benchmarks: sampler, training step, acting (ratios in one run)
 	$(BIN)/python -m bench

@@ -21,9 +21,9 @@ import torch
 
 from bench._common import table
 from qt.envs import make_env
-from qt.evaluation import run_episodes
+from qt.acting.episodes import run_episodes
 from qt.models import QTActor, TwinCritic
-from qt.policy import QTPolicy
+from qt.acting.policy import QTPolicy
 from qt.runtime import keep_freed_memory
 from qt.tasks import get_task
 

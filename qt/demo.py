@@ -26,7 +26,7 @@ DT_ARGS = ["--model.eta", "0", "--model.rtg_no_q", "true", "--model.infer_no_q",
 
 
 def _ensure_dataset(steps: int | None) -> Path:
-    from qt.data import make
+    from qt.datagen import make
     from qt.tasks import get_task
 
     root = make.default_minari_root()

@@ -14,8 +14,8 @@ import torch
 
 from qt import losses
 from qt.data.batch import Segments
-from qt.data.maze2d_gen import generate
-from qt.data.writers import write_d4rl_hdf5
+from qt.datagen.maze2d import generate
+from qt.datagen.writers import write_d4rl_hdf5
 from qt.module import QTModule, _clip
 
 ROOT = Path(__file__).resolve().parents[1]

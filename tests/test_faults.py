@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from qt.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint
-from qt.data.maze2d_gen import generate
-from qt.data.writers import write_d4rl_hdf5
+from qt.datagen.maze2d import generate
+from qt.datagen.writers import write_d4rl_hdf5
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

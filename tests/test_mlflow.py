@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qt.data.maze2d_gen import generate
-from qt.data.writers import write_d4rl_hdf5
+from qt.datagen.maze2d import generate
+from qt.datagen.writers import write_d4rl_hdf5
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = Path(sys.executable).with_name("mlflow")

@@ -66,7 +66,7 @@ def record_episode(policy, task: str, seed: int, path: Path, fps: int = 30) -> i
     """Play episode `seed` in a rendering environment and write its frames as an MP4."""
     import imageio.v2 as imageio
 
-    from qt.evaluation import run_episodes
+    from qt.acting.episodes import run_episodes
 
     envs: list = []
     frames: list = []
@@ -171,7 +171,7 @@ class Evaluation(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, seeds: list[int]
     ) -> EvalSummary:
         """Run this rank's share of the episodes and gather every rank's results."""
-        from qt.evaluation import run_episodes  # acting code is loaded only when it acts
+        from qt.acting.episodes import run_episodes  # acting code is loaded only when it acts
 
         task_name = self._task_name(trainer)
         ref_min, ref_max = self._ref_scores(trainer, task_name)
@@ -196,7 +196,7 @@ class Evaluation(L.Callback):
         return summary
 
     def _policy(self, trainer: L.Trainer, pl_module: L.LightningModule):
-        from qt.policy import QTPolicy
+        from qt.acting.policy import QTPolicy
 
         hp = pl_module.hparams
         # a module built without the data's facts acts with the registry's targets

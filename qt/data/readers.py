@@ -146,7 +146,7 @@ def resolve_d4rl_path(task: Task, path: str | os.PathLike | None) -> Path:
         raise FileNotFoundError(
             f"D4RL dataset file {candidate} for task {task.name!r} does not exist: expected the "
             f"D4RL hdf5 file {task.dataset_file!r} there (set D4RL_DATASET_DIR or data.path), "
-            f"or generate one with `python -m qt.data.make {task.name} --d4rl-hdf5`."
+            f"or generate one with `python -m qt.datagen {task.name} --d4rl-hdf5`."
         )
     return candidate
 
@@ -196,7 +196,7 @@ def read_minari(dataset_id: str, root: str | os.PathLike | None = None) -> Traje
             raise FileNotFoundError(
                 f"Minari dataset {dataset_id!r} is not in the local store {root} ({err}): "
                 "expected it there (set MINARI_DATASETS_PATH or data.path), or generate it with "
-                "`python -m qt.data.make NAME`."
+                "`python -m qt.datagen NAME`."
             ) from None
         parts: dict[str, list[np.ndarray]] = {k: [] for k in (*D4RL_KEYS, "timeouts")}
         for ep in dataset.iterate_episodes():

@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, port: int, seeds: list[int], out: str) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        import qt.evaluation as evaluation
+        import qt.acting.episodes as evaluation
 
         ran: list[int] = []
         real = evaluation.run_episodes

@@ -14,9 +14,9 @@ import torch
 from qt.callbacks.evaluation import Evaluation
 from qt.data.batch import Segments
 from qt.envs import make_env
-from qt.evaluation import run_episodes
+from qt.acting.episodes import run_episodes
 from qt.module import QTModule
-from qt.policy import QTPolicy
+from qt.acting.policy import QTPolicy
 from qt.tasks import get_task
 
 TASK = "hopper-medium-v2"

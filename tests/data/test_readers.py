@@ -9,8 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from qt.data import readers, writers
-from qt.data.generated import GeneratedDataset
+from qt.data import readers
+from qt.datagen import writers
+from qt.datagen.generated import GeneratedDataset
 from qt.data.readers import read_d4rl_hdf5, read_minari, read_task, split_d4rl, trajectory_ends
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qt.data.generated import GeneratedDataset
+from qt.datagen.generated import GeneratedDataset
 from qt.envs.common import LOCOMOTION_LIMIT
 from qt.envs.locomotion import make_locomotion_env
 

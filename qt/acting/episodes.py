@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
-from qt.policy import QTPolicy
+from qt.acting.policy import QTPolicy
 
 
 @dataclass

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from qt.envs import make_env
-from qt.evaluation import run_episodes
+from qt.acting.episodes import run_episodes
 from qt.models import QTActor, TwinCritic
-from qt.policy import QTPolicy
+from qt.acting.policy import QTPolicy
 
 S, A = 4, 2
 

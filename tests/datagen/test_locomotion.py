@@ -6,9 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
-from qt.data import locomotion_gen as lg
-from qt.data import make
-from qt.data.writers import write_d4rl_hdf5
+from qt.datagen import locomotion as lg
+from qt.datagen import make
+from qt.datagen.writers import write_d4rl_hdf5
 from qt.envs.locomotion import make_locomotion_env
 from qt.tasks import get_task
 from tests.support.minari_store import load

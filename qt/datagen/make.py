@@ -1,7 +1,7 @@
-"""`python -m qt.data.make NAME`: generate a dataset by the D4RL protocol and write it.
+"""`python -m qt.datagen NAME`: generate a dataset by the D4RL protocol and write it.
 
 Owns the command line that dispatches a qt task name to its generator (maze2d-* here,
-hopper/halfcheetah/walker2d-* in `qt.data.locomotion_gen`) and writes the result as a
+hopper/halfcheetah/walker2d-* in `qt.datagen.locomotion`) and writes the result as a
 Minari dataset (and, with --d4rl-hdf5, as a D4RL-format hdf5 file), atomically.
 Options the parser does not know (e.g. `--sac-steps 300000`) are passed to the
 locomotion generator as keyword arguments.
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from qt.data.generated import GeneratedDataset
-from qt.data.writers import episode_bounds, write_d4rl_hdf5, write_minari
+from qt.datagen.generated import GeneratedDataset
+from qt.datagen.writers import episode_bounds, write_d4rl_hdf5, write_minari
 
 LOCOMOTION = ("hopper", "halfcheetah", "walker2d")
 DEFAULT_MINARI_ROOT = Path("data") / "minari"
-LOCOMOTION_HELP = """locomotion options (hopper/halfcheetah/walker2d-*, see qt.data.locomotion_gen):
+LOCOMOTION_HELP = """locomotion options (hopper/halfcheetah/walker2d-*, see qt.datagen.locomotion):
   --sac-steps N          medium SAC run's budget of env steps (default 1000000)
   --target-return R      medium run stops at this evaluation return (default ref_max / 3)
   --expert-sac-steps N   expert SAC run's budget (default 1000000)
@@ -46,7 +46,7 @@ def _hdf5_file_name(name: str) -> str:
     except ValueError:
         pass
     if name.startswith("maze2d-"):  # D4RL's naming: maze2d-umaze-sparse-v1.hdf5
-        from qt.data.maze2d_gen import parse_name
+        from qt.datagen.maze2d import parse_name
 
         maze, dense = parse_name(name)
         return f"maze2d-{maze}-{'dense' if dense else 'sparse'}-{name.rsplit('-', 1)[1]}.hdf5"
@@ -96,7 +96,7 @@ class _Progress:
 def _total_steps(name: str, steps: int | None) -> int | None:
     if steps is not None or not name.startswith("maze2d-"):
         return steps
-    from qt.data.maze2d_gen import D4RL_STEPS, parse_name
+    from qt.datagen.maze2d import D4RL_STEPS, parse_name
 
     try:
         return D4RL_STEPS[parse_name(name)[0]]
@@ -116,17 +116,17 @@ def generate(
     """Dispatch NAME to its family's generator (the locomotion one draws its own bars)."""
     family = name.split("-", 1)[0]
     if family == "maze2d":
-        from qt.data import maze2d_gen
+        from qt.datagen import maze2d
 
-        make, kwargs = maze2d_gen.generate, {"progress": progress}
+        make, kwargs = maze2d.generate, {"progress": progress}
     elif family in LOCOMOTION:
         try:
-            from qt.data import locomotion_gen  # imported only when used
+            from qt.datagen import locomotion  # imported only when used
         except ImportError as err:
             raise ValueError(
-                f"Dataset {name!r} needs qt.data.locomotion_gen, which could not be imported ({err})."
+                f"Dataset {name!r} needs qt.datagen.locomotion, which could not be imported ({err})."
             ) from err
-        make, kwargs = locomotion_gen.generate, {"work_dir": work_dir}
+        make, kwargs = locomotion.generate, {"work_dir": work_dir}
     else:
         raise ValueError(
             f"Dataset name {name!r}: expected a maze2d-* or {'/'.join(LOCOMOTION)}-* qt task name."
@@ -162,7 +162,7 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m qt.data.make",
+        prog="python -m qt.datagen",
         description=__doc__.split("\n")[0],
         epilog=LOCOMOTION_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = _parse_extra(unknown)
         family = args.name.split("-", 1)[0]
         if family == "maze2d":
-            from qt.data.maze2d_gen import parse_name
+            from qt.datagen.maze2d import parse_name
 
             parse_name(args.name)
         elif family not in LOCOMOTION:

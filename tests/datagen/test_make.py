@@ -1,4 +1,4 @@
-"""Writers and the `qt.data.make` CLI: Minari and D4RL-hdf5 round trips, atomicity, --force."""
+"""Writers and the `qt.datagen.make` CLI: Minari and D4RL-hdf5 round trips, atomicity, --force."""
 
 import json
 import os
@@ -7,9 +7,9 @@ import h5py
 import numpy as np
 import pytest
 
-from qt.data import make, writers
-from qt.data.generated import GeneratedDataset
-from qt.data.maze2d_gen import generate
+from qt.datagen import make, writers
+from qt.datagen.generated import GeneratedDataset
+from qt.datagen.maze2d import generate
 from tests.support.minari_store import load as load_store
 
 
@@ -201,12 +201,12 @@ def test_locomotion_names_go_to_the_locomotion_generator(tmp_path, monkeypatch, 
             algorithm_name="fake SAC",
         )
 
-    module = types.ModuleType("qt.data.locomotion_gen")
+    module = types.ModuleType("qt.datagen.locomotion")
     module.generate = fake_generate
-    monkeypatch.setitem(sys.modules, "qt.data.locomotion_gen", module)
-    import qt.data
+    monkeypatch.setitem(sys.modules, "qt.datagen.locomotion", module)
+    import qt.datagen
 
-    monkeypatch.setattr(qt.data, "locomotion_gen", module, raising=False)
+    monkeypatch.setattr(qt.datagen, "locomotion", module, raising=False)
     root = tmp_path / "data" / "minari"
     argv = ["hopper-medium-v2", "--steps", "300", "--out", str(root), "--seed", "4"]
     assert make.main(argv + ["--sac-steps", "1000", "--work-dir", str(tmp_path / "w")]) == 0

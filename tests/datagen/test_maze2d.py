@@ -6,7 +6,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from qt.data.maze2d_gen import MOVES, WaypointController, generate, parse_name, q_iteration
+from qt.datagen.maze2d import MOVES, WaypointController, generate, parse_name, q_iteration
 from qt.envs.maze2d import LAYOUTS, Maze2DEnv, free_cells, parse_layout
 
 

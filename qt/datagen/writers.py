@@ -21,7 +21,7 @@ import gymnasium as gym
 import h5py
 import numpy as np
 
-from qt.data.generated import D4RL_KEYS, GeneratedDataset
+from qt.datagen.generated import D4RL_KEYS, GeneratedDataset
 
 AUTHOR = "qt"
 AUTHOR_EMAIL = "qt@users.noreply.github.com"

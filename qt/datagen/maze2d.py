@@ -39,7 +39,7 @@ from collections.abc import Callable
 import mujoco
 import numpy as np
 
-from qt.data.generated import GeneratedDataset
+from qt.datagen.generated import GeneratedDataset
 from qt.envs.maze2d import LAYOUTS, TIME_LIMITS, VEL_CLIP, Maze2DEnv, make_maze2d_env
 from qt.envs.maze2d import parse_maze_name as parse_name
 
