@@ -30,7 +30,7 @@ test: setup  ## the fast test suite (what CI runs)
 test-all: setup  ## every test this machine can run, slow ones included
 	$(BIN)/python -m pytest -q -m "not gpu or gpu"
 
-data: setup  ## generate the maze2d-umaze dataset at D4RL's size (1M steps)
+data: setup  ## generate the maze2d-umaze dataset at D4RL's size (1M steps; Minari + hdf5 in ./data; kept when there)
 	$(BIN)/python -m qt.datagen maze2d-umaze-v1
 
 bench: setup  ## benchmarks: sampler, training step, acting (ratios in one run)

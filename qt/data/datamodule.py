@@ -28,7 +28,8 @@ class QTDataModule(L.LightningDataModule):
 
     Args:
         task: D4RL dataset name from the registry, e.g. `hopper-medium-v2`.
-        source: `d4rl-hdf5` (h5py; file from `path`, `D4RL_DATASET_DIR` or ~/.d4rl/datasets),
+        source: `d4rl-hdf5` (h5py; file from `path`, else qt.data.paths.hdf5_dir(), else
+            `D4RL_DATASET_DIR` or ~/.d4rl/datasets),
             `minari` (local Minari store; `path` is a dataset id or a store directory, default
             id `qt/<task>`) or `d4rl-package` (the legacy `d4rl` package, when importable).
         path: see `source`.

@@ -182,6 +182,7 @@ def generate(
     max_episode_steps: int | None = None,
     reward_goal: str = "eval",
     progress: Callable[[int], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> GeneratedDataset:
     """Generate a `maze2d-*` dataset by D4RL's protocol (see the module docstring).
 
@@ -194,6 +195,7 @@ def generate(
     reward_goal: "eval" (D4RL's relabelling: the maze's fixed evaluation goal) or "current"
         (the goal the controller was driving to at that step, `infos/goal`).
     progress: called with the number of steps done, every 10k steps and at the end.
+    say: called with a line saying what follows the steps (the reference episodes).
     """
     maze, dense = parse_name(name)
     steps = D4RL_STEPS[maze] if steps is None else int(steps)
@@ -262,6 +264,11 @@ def generate(
     eval_goal = np.array(env.target)  # the layout's goal cell: D4RL's evaluation goal
     rewards = maze_rewards(obs, eval_goal if reward_goal == "eval" else goals, dense)
     if ref_episodes > 0:
+        if say is not None:
+            say(
+                f"reference scores: {ref_episodes} episodes of a random and of the expert "
+                "controller ..."
+            )
         ref_min, ref_max = reference_scores(maze, dense, ref_episodes, seed)
     else:
         ref_min = ref_max = float("nan")
