@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import CatMetric
 
 from qt.envs import make_env
+from qt.errors import UserError
 from qt.tasks import get_task
 
 
@@ -119,7 +120,7 @@ class Evaluation(L.Callback):
         for name, v in (("num_eval_episodes", num_eval_episodes), ("test_episodes", test_episodes),
                         ("eval_every_n_epochs", eval_every_n_epochs)):  # fmt: skip
             if v < 1:
-                raise ValueError(f"Evaluation.{name}={v}: expected a whole number >= 1.")
+                raise UserError(f"Evaluation.{name}={v}: expected a whole number >= 1.")
         self.num_eval_episodes = num_eval_episodes
         self.test_episodes = test_episodes
         self.eval_every_n_epochs = eval_every_n_epochs
@@ -134,6 +135,12 @@ class Evaluation(L.Callback):
         self.last_summary: EvalSummary | None = None
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Build (and close) one environment of the task before any training step, so that a
+        task whose environment cannot be made here stops now, not after an iteration."""
+        env = make_env(self._task_name(trainer))
+        env.close()
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         if (epoch + 1) % self.eval_every_n_epochs:
@@ -246,7 +253,7 @@ class Evaluation(L.Callback):
             return self.task
         dm = getattr(trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "task"):
-            raise ValueError("Evaluation needs a task: set Evaluation.task or use QTDataModule.")
+            raise UserError("Evaluation needs a task: set Evaluation.task or use QTDataModule.")
         return dm.task
 
     @staticmethod
