@@ -14,6 +14,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from qt.callbacks.console import quiet
 from qt.checkpointing import CheckpointError, load_checkpoint
 from qt.data.datamodule import QTDataModule
 from qt.errors import UserError, report
@@ -251,6 +252,7 @@ def _resume(init_args, ckpt: str, named: bool) -> str:
 def main(args: list[str] | None = None, run: bool = True) -> QTCLI:
     """Build the CLI; `run=False` parses and instantiates without running a subcommand."""
     keep_freed_memory()
+    quiet()
     return QTCLI(
         QTModule,
         QTDataModule,
