@@ -54,9 +54,10 @@ format: setup  ## ruff format in place
 ui: setup  ## serve the MLflow UI for runs/ (or $MLFLOW_TRACKING_URI's store) on 127.0.0.1
 	@case "$${MLFLOW_TRACKING_URI:-}" in \
 	  http*) echo "Runs are on the tracking server $$MLFLOW_TRACKING_URI: open it in a browser." ;; \
-	  *) echo "MLflow UI: http://127.0.0.1:$${PORT:-5000}/#/experiments?workflowType=machine_learning (runs table; Ctrl-C stops it)"; \
+	  sqlite:///*|"") $(BIN)/python -m qt.ui "$$(u=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/runs/mlflow.db}; echo $${u#sqlite:///})" $${PORT:-5000}; \
 	     $(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/runs/mlflow.db}" \
 	       --host 127.0.0.1 --port $${PORT:-5000} ;; \
+	  *) $(BIN)/mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port $${PORT:-5000} ;; \
 	esac
 
 clean:  ## remove run outputs (keeps .venv and data)

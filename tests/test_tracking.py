@@ -12,6 +12,7 @@ import pytest
 
 from qt.datagen.maze2d import generate
 from qt.datagen.writers import write_d4rl_hdf5
+from qt.ui import experiment_urls
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +73,10 @@ def test_many_processes_open_a_fresh_store_at_once_and_later_ones_still_can(tmp_
     assert {r.info.run_id for r in runs} == {d.stdout.strip() for d in done + later}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert sorted(r.data.metrics["x"] for r in runs) == [float(i) for i in range(5)]
+    # `make ui` prints the experiment's address in MLflow's model-training view
+    assert experiment_urls(tmp_path / "runs" / "mlflow.db", "http://127.0.0.1:5000") == [
+        f"qt: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}?workflowType=machine_learning"
+    ]
 
 
 # ---------------------------------------------------------------------------- run identity
