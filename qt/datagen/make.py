@@ -91,6 +91,8 @@ class _Progress:
     def __call__(self, done: int) -> None:
         self.bar.update(done - self.done)
         self.done = done
+        if self.bar.total is not None and done >= self.bar.total:
+            self.bar.close()  # done: what follows is said on lines of its own
 
     def close(self) -> None:
         self.bar.close()
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(
                 f"Dataset name {args.name!r}: expected a maze2d-* or {'/'.join(LOCOMOTION)}-* qt task name."
             )
-        root = args.out or default_minari_root()
+        root = (args.out or default_minari_root()).resolve()
         hdf5_path = args.hdf5_out or root.resolve().parent / "d4rl" / _hdf5_file_name(args.name)
         # one work dir per family: medium, medium-replay and medium-expert share a SAC run
         work_dir = args.work_dir or root.resolve().parent / "work" / args.name.split("-", 1)[0]
