@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,14 +20,14 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("data_dir", [None, "shared-data"])
-def test_generate_then_fit_with_no_path(tmp_path, data_dir):
-    env = _env(QT_DATA_DIR=str(tmp_path / data_dir)) if data_dir else _env()
+def test_generate_then_fit_with_no_path(tmp_path):
+    # ./data here; $QT_DATA_DIR's part is checked without a fit (test_make, test_readers)
+    env = _env()
     gen = [sys.executable, "-m", "qt.datagen", "maze2d-umaze-v1", "--steps", "3000",
            "--ref-episodes", "1", "--max-episode-steps", "60"]  # fmt: skip
     done = subprocess.run(gen, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    root = tmp_path / (data_dir or "data")
+    root = tmp_path / "data"
     assert (root / "d4rl" / "maze2d-umaze-sparse-v1.hdf5").is_file()
     fit = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
            "--trainer.max_epochs", "1"]  # fmt: skip
