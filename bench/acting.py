@@ -20,10 +20,10 @@ from functools import partial
 import torch
 
 from bench._common import table
-from qt.envs import make_env
 from qt.acting.episodes import run_episodes
-from qt.models import QTActor, TwinCritic
 from qt.acting.policy import QTPolicy
+from qt.envs import make_env
+from qt.models import QTActor, TwinCritic
 from qt.runtime import keep_freed_memory
 from qt.tasks import get_task
 

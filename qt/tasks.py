@@ -12,6 +12,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
+from qt.errors import UserError
+
 
 @dataclass(frozen=True)
 class Published:
@@ -230,7 +232,7 @@ def get_task(name: str) -> Task:
     except KeyError:
         close = difflib.get_close_matches(str(name), TASKS, n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise UserError(
             f"Unknown task {name!r}: expected a D4RL dataset name such as 'hopper-medium-v2'.{hint}"
         ) from None
 
@@ -243,7 +245,7 @@ def family_of(name: str) -> str:
 def tasks_of_family(family: str) -> list[Task]:
     """All registered tasks of one family, in registry order."""
     if family not in _FAMILY_FACTS:
-        raise ValueError(f"Unknown task family {family!r}: expected one of {', '.join(FAMILIES)}.")
+        raise UserError(f"Unknown task family {family!r}: expected one of {', '.join(FAMILIES)}.")
     return [task for task in TASKS.values() if task.family == family]
 
 

@@ -11,6 +11,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from qt.errors import UserError
+
 
 @torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, weight: float) -> None:
@@ -43,11 +45,11 @@ class TargetNetworks(L.Callback):
         tau: float = 0.005,
     ) -> None:
         if not 0.0 <= ema_decay <= 1.0:
-            raise ValueError(f"ema_decay={ema_decay} is outside [0, 1].")
+            raise UserError(f"ema_decay={ema_decay} is outside [0, 1].")
         if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"tau={tau} is outside [0, 1].")
+            raise UserError(f"tau={tau} is outside [0, 1].")
         if update_ema_every < 1:
-            raise ValueError(f"update_ema_every={update_ema_every}: expected a whole number >= 1.")
+            raise UserError(f"update_ema_every={update_ema_every}: expected a whole number >= 1.")
         self.ema_decay = ema_decay
         self.step_start_ema = step_start_ema
         self.update_ema_every = update_ema_every

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from qt.data.batch import Segments
 from qt.data.store import TrajectoryStore
+from qt.errors import UserError
 
 
 def check_full_windows(store: TrajectoryStore, K: int, name: str = "") -> None:
@@ -27,7 +28,7 @@ def check_full_windows(store: TrajectoryStore, K: int, name: str = "") -> None:
     lengths = store.lengths[store.sample_trajs]
     short = lengths < K + 1
     if short.any():
-        raise ValueError(
+        raise UserError(
             f"full_windows_only with K={K} needs trajectories of at least {K + 1} steps, but "
             f"dataset {name or store.source} has {int(short.sum())} shorter ones (the shortest "
             f"has {int(lengths.min())}): lower K or set full_windows_only to false."
