@@ -207,7 +207,8 @@ def run(study: Study, backend: str = "local", address: str | None = None) -> int
     client, uri, exp_id, parent_id = open_store(study)
     jobs = study.jobs()
     todo = _plan(study, client, exp_id)
-    resumed = sum("resume" in _spec(study, s, exp_id, parent_id) for s in todo)
+    specs = [_spec(study, s, exp_id, parent_id) for s in todo]
+    resumed = sum("resume" in spec for spec in specs)
     tests_only = sum(s.fit_finished for s in todo)
     _say(
         f"{study.name}: {len(jobs)} runs ({len(study.tasks)} tasks x {len(study.variants)} "
@@ -219,11 +220,9 @@ def run(study: Study, backend: str = "local", address: str | None = None) -> int
     )
     out = Path(study.results) / study.name
     logs = [str(out / "logs" / f"{s.job.run_name}.log") for s in todo]
-    for s, log in zip(todo, logs):
-        spec = _spec(study, s, exp_id, parent_id)
+    for s, spec in zip(todo, specs):
         if "resume" in spec:
             _say(f"{s.job.label}: resuming fit run {spec['fit_run_id']} from {spec['resume']}")
-    specs = [_spec(study, s, exp_id, parent_id) for s in todo]
     progress = Progress(study, client, len(todo), len(jobs))
     t0 = time.perf_counter()
     try:
