@@ -302,24 +302,29 @@ class Report:
         plt.close(fig)
 
     def plot_intervals(self, path: Path) -> None:
+        """One panel per (score, statistic): the point estimate and its interval per variant."""
         import matplotlib.pyplot as plt
 
         variants = list(self.study.variants)
-        names = [f"{stat} ({SCORES[k]})" for k in SCORES for stat in AGGREGATES]
-        fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 0.5 + 0.45 * len(variants)),
-                                 squeeze=False)  # fmt: skip
-        for ax, (k, stat) in zip(axes[0], [(k, st) for k in SCORES for st in AGGREGATES]):
-            for i, variant in enumerate(variants):
-                a = self.aggregates.get((variant, k, stat))
-                if a is None:
-                    continue
-                color = f"C{i}"
-                ax.barh(i, a["hi"] - a["lo"], left=a["lo"], height=0.6, color=color, alpha=0.6)
-                ax.vlines(a["value"], i - 0.3, i + 0.3, color="k", lw=1.5)
-            ax.set_yticks(range(len(variants)), variants if ax is axes[0][0] else [""] * len(variants))  # fmt: skip
-            ax.set_title(f"{stat}\n{SCORES[k]}", fontsize=9)
-            ax.grid(axis="x", alpha=0.3)
-        fig.supxlabel("normalised score (95% stratified-bootstrap interval)", fontsize=9)
+        fig, axes = plt.subplots(len(SCORES), len(AGGREGATES), squeeze=False,
+                                 figsize=(8, 0.6 + len(SCORES) * (0.5 + 0.35 * len(variants))))  # fmt: skip
+        for row, k in zip(axes, SCORES):
+            for ax, stat in zip(row, AGGREGATES):
+                for i, variant in enumerate(variants):
+                    a = self.aggregates.get((variant, k, stat))
+                    if a is None:
+                        continue
+                    ax.barh(
+                        i, a["hi"] - a["lo"], left=a["lo"], height=0.6, color=f"C{i}", alpha=0.6
+                    )
+                    ax.vlines(a["value"], i - 0.3, i + 0.3, color="k", lw=1.5)
+                ax.set_yticks(range(len(variants)), variants)
+                ax.set_ylim(-0.6, len(variants) - 0.4)
+                ax.set_title(f"{stat}: {SCORES[k]}", fontsize=9)
+                ax.grid(axis="x", alpha=0.3)
+        fig.supxlabel(
+            "normalised score: point estimate and 95% stratified-bootstrap interval", fontsize=9
+        )
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
