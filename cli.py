@@ -85,15 +85,25 @@ class QTCLI(LightningCLI):
             )
 
     def before_instantiate_classes(self) -> None:
-        # Name the MLflow run after task and seed unless the config names it.
+        # Name and tag the MLflow run by task, variant and seed (qt.tracking.run_tags); a name
+        # or tags the config gives win, except qt's identity tags, which `last` searches by.
         config = self.config.get(self.subcommand, self.config)
         logger = config.get("trainer", {}).get("logger")
-        if isinstance(logger, dict) or hasattr(logger, "init_args"):
-            init_args = logger["init_args"] if isinstance(logger, dict) else logger.init_args
-            if init_args.get("run_name") is None:
-                init_args["run_name"] = f"{config['data']['task']}-seed{config['seed_everything']}"
-            if self.subcommand == "fit" and config.get("ckpt_path") == "last":
-                config["ckpt_path"] = _resume_last(init_args)
+        if not (isinstance(logger, dict) or hasattr(logger, "init_args")):
+            return
+        from qt.tracking import run_tags, variant_label
+
+        init_args = logger["init_args"] if isinstance(logger, dict) else logger.init_args
+        model = _as_dict(config.get("model"))
+        model["K"] = config["data"]["K"]
+        task, seed = config["data"]["task"], config["seed_everything"]
+        named = init_args.get("run_name") is not None
+        if not named:
+            init_args["run_name"] = f"{task}-{variant_label(model)}-seed{seed}"
+        init_args["tags"] = run_tags(task, seed, model, init_args.get("tags"))
+        ckpt = config.get("ckpt_path")
+        if self.subcommand == "fit" and isinstance(ckpt, str) and _is_run_ref(ckpt):
+            config["ckpt_path"] = _resume(init_args, ckpt, named)
 
     def _set_test_episodes(self) -> None:
         episodes = self.config[self.subcommand].get("episodes")
@@ -119,33 +129,79 @@ class QTCLI(LightningCLI):
         self._set_test_episodes()
 
 
-def _resume_last(init_args) -> str:
-    """`--ckpt_path last` with MLflow: the newest run of this name that left a last.ckpt.
+def _as_dict(tree) -> dict:
+    if tree is None:
+        return {}
+    return dict(tree.as_dict() if hasattr(tree, "as_dict") else tree)
 
-    Its run id goes to the logger, so the resumed fit logs into the same MLflow run and
+
+def _is_run_ref(ckpt: str) -> bool:
+    return ckpt == "last" or ckpt.startswith("run:")
+
+
+def _resume(init_args, ckpt: str, named: bool) -> str:
+    """`--ckpt_path last` or `run:<run_id>`: the last.ckpt of an earlier MLflow run to continue.
+
+    `last` is the newest run of the same configuration (task, variant, seed: the
+    `qt.identity` tag; and the same run name when the config names the run) that left a
+    last.ckpt; `run:<run_id>` is that run, which must be of the same configuration. Its run
+    id goes to the logger, so the resumed fit logs into the same MLflow run and
     ModelCheckpoint keeps writing to the same folder (`<save_dir>/<experiment>/<run>/`).
     """
     import mlflow
 
-    from qt.tracking import default_tracking_uri
+    from qt.tracking import IDENTITY_TAG, default_tracking_uri, store_lock
 
     save_dir = Path(init_args.get("save_dir") or "runs")
     uri = init_args.get("tracking_uri") or default_tracking_uri(save_dir)
-    name, experiment = init_args["run_name"], init_args.get("experiment_name") or "qt"
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
+    experiment = init_args.get("experiment_name") or "qt"
+    identity, name = init_args["tags"][IDENTITY_TAG], init_args["run_name"]
+    with store_lock(uri):
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+
+    def last_of(run) -> Path:
+        return save_dir / run.info.experiment_id / run.info.run_id / "checkpoints" / "last.ckpt"
+
+    if ckpt.startswith("run:"):
+        run_id = ckpt[len("run:") :]
+        try:
+            run = client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            raise SystemExit(
+                f"error: --ckpt_path {ckpt}: no run {run_id!r} in {uri}: expected the id of an "
+                "earlier fit's MLflow run (the runs table of `make ui`, or the fit's last lines)."
+            ) from None
+        theirs = run.data.tags.get(IDENTITY_TAG)
+        if theirs != identity:
+            raise SystemExit(
+                f"error: --ckpt_path {ckpt}: that run is {theirs or 'not a qt fit'}, this config "
+                f"is {identity}: expected a run of the same task, variant and seed."
+            )
+        if not last_of(run).is_file():
+            raise SystemExit(
+                f"error: --ckpt_path {ckpt}: the run left no {last_of(run)}: expected the "
+                "last.ckpt of a fit that ran at least one iteration."
+            )
+        init_args["run_id"] = run.info.run_id
+        return str(last_of(run))
+
+    query = f"tags.`{IDENTITY_TAG}` = '{identity}'"
+    if named:
+        query += f" and tags.mlflow.runName = '{name}'"
     runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'",
+        [exp.experiment_id], filter_string=query,
         order_by=["attributes.start_time DESC"], max_results=50,
     )  # fmt: skip
     for run in runs:
-        last = save_dir / run.info.experiment_id / run.info.run_id / "checkpoints" / "last.ckpt"
-        if last.is_file():
+        if last_of(run).is_file():
             init_args["run_id"] = run.info.run_id
-            return str(last)
+            return str(last_of(run))
+    which = f"named {name!r} and " if named else ""
     raise SystemExit(
-        f"error: --ckpt_path last: no run named {name!r} in experiment {experiment!r} of {uri} "
-        f"left a last.ckpt under {save_dir}: expected an earlier fit of the same config."
+        f"error: --ckpt_path last: no run {which}of this configuration ({identity}) in "
+        f"experiment {experiment!r} of {uri} left a last.ckpt under {save_dir}: expected an "
+        "earlier fit of the same task, variant and seed (or name a run: --ckpt_path run:<run_id>)."
     )
 
 

@@ -3,14 +3,28 @@
 `MLFLOW_TRACKING_URI`, when the user sets it, wins; otherwise runs go to a SQLite store
 `<save_dir>/mlflow.db` with artifacts under `<save_dir>/mlartifacts` (MLflow 3 no longer
 accepts a bare folder as a store). `make ui` serves the same store.
+
+First use is safe when many processes start at once: MLflow creates a SQLite store's tables
+(alembic migrations) and the experiment on first use, and two processes doing that together
+break the store for good. Every process therefore opens the store (MLflow's client does on
+construction), its experiment and its run while holding an exclusive lock on `<db>.lock`
+beside the database; after that, SQLite's own locking is enough.
+
+The experiment is tagged as a model-training experiment, so MLflow 3's UI opens it on its
+runs table rather than its GenAI (traces) view.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger
+
+# MLflow 3's experiment kind: runs table (not traces) for model-training experiments
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 
 
 def default_tracking_uri(save_dir: str | os.PathLike = "runs") -> str:
@@ -19,6 +33,57 @@ def default_tracking_uri(save_dir: str | os.PathLike = "runs") -> str:
     if env:
         return env
     return f"sqlite:///{Path(save_dir).resolve() / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI (None for other stores or in-memory)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on a local SQLite store (`<db>.lock`); no-op for other stores."""
+    db = _sqlite_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (first use by several processes is then unsafe)
+        fcntl = None
+    if db is None or fcntl is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def open_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name` (created when missing, tagged as model training).
+
+    Call it under `store_lock`: it is the first use of the store, which creates its tables.
+    """
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        try:
+            exp_id = client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:  # created meanwhile by another process (remote stores)
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            exp_id = found.experiment_id
+        exp = client.get_experiment(exp_id)
+    key, value = EXPERIMENT_KIND_TAG
+    if exp.tags.get(key) != value:
+        client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 class MLFlowLogger(_MLFlowLogger):
@@ -43,15 +108,16 @@ class MLFlowLogger(_MLFlowLogger):
         ):
             Path(save_dir).mkdir(parents=True, exist_ok=True)
             artifact_location = (Path(save_dir).resolve() / "mlartifacts").as_uri()
-        super().__init__(
-            experiment_name=experiment_name,
-            run_name=run_name,
-            tracking_uri=uri,
-            tags=tags,
-            log_model=log_model,
-            artifact_location=artifact_location,
-            run_id=run_id,
-        )
+        with store_lock(uri):  # MLflow's client opens (and on first use creates) the store
+            super().__init__(
+                experiment_name=experiment_name,
+                run_name=run_name,
+                tracking_uri=uri,
+                tags=tags,
+                log_model=log_model,
+                artifact_location=artifact_location,
+                run_id=run_id,
+            )
         self._qt_save_dir = save_dir
 
     @property
@@ -60,14 +126,71 @@ class MLFlowLogger(_MLFlowLogger):
 
     @property
     def experiment(self):
+        if self._initialized:
+            return self._mlflow_client
         # mlflow.set_tracking_uri, which Lightning's logger calls, also exports the URI as
         # MLFLOW_TRACKING_URI; put the variable back, so that a later logger in this process
         # (or a child process) honours only what the user set.
         before = os.environ.get("MLFLOW_TRACKING_URI")
         try:
-            return super().experiment
+            with store_lock(self._tracking_uri):
+                if self._run_id is None and self._experiment_id is None:
+                    self._experiment_id = open_experiment(
+                        self._mlflow_client, self._experiment_name, self._artifact_location
+                    )
+                return super().experiment
         finally:
             if before is None:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+# ---------------------------------------------------------------------------- run identity
+# Model options that change the algorithm (what is learnt, how it acts) or the network's shape.
+# Two fits that differ in any of them are different variants: their runs are named and tagged
+# apart, and `--ckpt_path last` never resumes one from the other. Options a user may change
+# when continuing a run (learning rates, dropout, max_iters, ...) are not part of it.
+VARIANT_OPTIONS = (
+    "eta", "eta2", "lambda_", "discount", "k_rewards", "use_discount", "max_q_backup",
+    "rtg_no_q", "infer_no_q", "num_candidates", "ema_dropout", "sar",
+    "K", "hidden_size", "n_layer", "n_head",
+)  # fmt: skip
+
+
+def variant_label(model: dict) -> str:
+    """`dt` for the Decision Transformer baseline (no Q term, no Q in the return-to-go targets
+    or in acting: eta 0, rtg_no_q, infer_no_q), else `qt`."""
+    dt = float(model.get("eta", 1.0)) == 0.0 and model.get("rtg_no_q") and model.get("infer_no_q")
+    return "dt" if dt else "qt"
+
+
+def variant_id(model: dict) -> str:
+    """`<label>-<8 hex digits>`: the label and a hash of every option in VARIANT_OPTIONS."""
+    import hashlib
+    import json
+
+    values = {k: model.get(k) for k in VARIANT_OPTIONS}
+    for k, v in values.items():  # 1 and 1.0 are one value; bools stay bools
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            values[k] = float(v)
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{variant_label(model)}-{digest}"
+
+
+def run_identity(task: str, seed: object, model: dict) -> str:
+    """What makes two fits the same configuration: `<task>/<variant id>/seed<seed>`."""
+    return f"{task}/{variant_id(model)}/seed{seed}"
+
+
+IDENTITY_TAG = "qt.identity"
+
+
+def run_tags(task: str, seed: object, model: dict, user_tags: dict | None = None) -> dict:
+    """Tags of a run: `task`, `variant`, `seed` (a user's own tags of these names win) and
+    `qt.variant_id`, `qt.identity` (always qt's: `--ckpt_path last` searches by them)."""
+    tags = {"task": str(task), "variant": variant_label(model), "seed": str(seed)}
+    tags.update({str(k): str(v) for k, v in (user_tags or {}).items()})
+    tags["qt.variant_id"] = variant_id(model)
+    tags[IDENTITY_TAG] = run_identity(task, seed, model)
+    return tags

@@ -1,0 +1,166 @@
+"""The local MLflow store (qt/tracking.py): first use by many processes at once, run identity."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qt.datagen.maze2d import generate
+from qt.datagen.writers import write_d4rl_hdf5
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A process that opens the store the way a fit does (qt's logger, its run, a metric, the end),
+# after waiting for a common start signal so that all of them hit the fresh store together.
+_OPEN_STORE = """
+import sys, time
+from pathlib import Path
+from qt.tracking import MLFlowLogger
+go = Path(sys.argv[1])
+Path(f"{go}.ready-{sys.argv[2]}").touch()
+while not go.exists():
+    time.sleep(0.005)
+logger = MLFlowLogger(save_dir="runs", run_name=f"proc-{sys.argv[2]}")
+logger.log_metrics({"x": float(sys.argv[2])}, step=0)
+logger.finalize("success")
+print(logger.run_id)
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _open_together(cwd: Path, n: int, first: int = 0) -> list[subprocess.CompletedProcess]:
+    go = cwd / f"go-{first}"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _OPEN_STORE, str(go), str(first + i)], cwd=cwd,
+                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(n)
+    ]  # fmt: skip
+    deadline = time.monotonic() + 300
+    while len(list(cwd.glob(f"{go.name}.ready-*"))) < n and time.monotonic() < deadline:
+        time.sleep(0.05)  # until all of them have imported and wait for the signal
+    go.touch()
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def test_many_processes_open_a_fresh_store_at_once_and_later_ones_still_can(tmp_path):
+    import mlflow
+
+    done = _open_together(tmp_path, 4)
+    assert [d.returncode for d in done] == [0] * 4, [d.stderr[-1500:] for d in done]
+    later = _open_together(tmp_path, 1, first=4)
+    assert [d.returncode for d in later] == [0], [d.stderr[-1500:] for d in later]
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    [exp] = [e for e in client.search_experiments() if e.name == "qt"]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # training view
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"proc-{i}" for i in range(5)]
+    assert {r.info.run_id for r in runs} == {d.stdout.strip() for d in done + later}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(r.data.metrics["x"] for r in runs) == [float(i) for i in range(5)]
+
+
+# ---------------------------------------------------------------------------- run identity
+def test_variant_ids_tell_dt_from_qt_and_ignore_what_may_change_on_resume():
+    from qt.tracking import run_tags, variant_id, variant_label
+
+    qt_model = {"eta": 1.0, "rtg_no_q": False, "infer_no_q": False, "K": 20, "hidden_size": 256}
+    dt_model = dict(qt_model, eta=0.0, rtg_no_q=True, infer_no_q=True)
+    assert variant_label(qt_model) == "qt" and variant_label(dt_model) == "dt"
+    # eta 0 alone still uses Q in its targets and acting: not the DT baseline
+    assert variant_label(dict(qt_model, eta=0)) == "qt"
+    assert variant_id(qt_model) != variant_id(dict(qt_model, eta=2.0))
+    assert variant_id(qt_model) != variant_id(dict(qt_model, max_q_backup=True))
+    assert variant_id(qt_model) == variant_id(dict(qt_model, eta=1, learning_rate=1e-3))
+    tags = run_tags("hopper-medium-v2", 7, dt_model, {"study": "s1", "seed": "own"})
+    assert tags["task"] == "hopper-medium-v2" and tags["variant"] == "dt"
+    assert tags["study"] == "s1" and tags["seed"] == "own"  # the user's tags win
+    assert tags["qt.identity"] == f"hopper-medium-v2/{variant_id(dt_model)}/seed7"
+
+
+@pytest.fixture(scope="module")
+def maze_file(tmp_path_factory):
+    ds = generate("maze2d-umaze-v1", steps=3000, seed=0, ref_episodes=1, max_episode_steps=60)
+    return write_d4rl_hdf5(ds, tmp_path_factory.mktemp("d4rl") / "maze2d-umaze-sparse-v1.hdf5")
+
+
+DT = ["--model.eta", "0", "--model.rtg_no_q", "true", "--model.infer_no_q", "true"]
+
+
+def _fit(maze_file, cwd, *extra, wait=True):
+    cmd = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--data.path", str(maze_file), *extra]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _snapshot(client, run_id):
+    run = client.get_run(run_id)
+    history = [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/return_mean")]
+    files = sorted(a.path for a in client.list_artifacts(run_id))
+    return run.info.status, run.info.end_time, run.data.params, run.data.tags, history, files
+
+
+def test_last_resumes_the_run_of_the_same_variant_and_leaves_the_other_untouched(
+    tmp_path, maze_file
+):
+    import mlflow
+
+    # a DT fit and a QT fit of the same task and seed, side by side in one directory
+    dt, qt = _fit(maze_file, tmp_path, *DT, wait=False), _fit(maze_file, tmp_path, wait=False)
+    for proc in (dt, qt):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("qt")
+    runs = {r.data.tags["variant"]: r for r in client.search_runs([exp.experiment_id])}
+    assert sorted(runs) == ["dt", "qt"]
+    assert runs["dt"].info.run_name == "maze2d-umaze-v1-dt-seed123"
+    assert runs["qt"].info.run_name == "maze2d-umaze-v1-qt-seed123"
+    assert (
+        runs["dt"].data.tags["task"] == "maze2d-umaze-v1" and runs["dt"].data.tags["seed"] == "123"
+    )
+    dt_id, qt_id = runs["dt"].info.run_id, runs["qt"].info.run_id
+    dt_before = _snapshot(client, dt_id)
+    assert dt_before[0] == "FINISHED" and len(dt_before[4]) == 2
+
+    # QT, one more iteration, from "the last run": the QT run, never the newer-or-older DT one
+    done = _fit(maze_file, tmp_path, "--trainer.max_epochs", "3", "--ckpt_path", "last")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(client.search_runs([exp.experiment_id])) == 2  # no new run
+    qt_after = _snapshot(client, qt_id)
+    assert qt_after[0] == "FINISHED" and len(qt_after[4]) == 3  # one evaluation per iteration
+    assert "config-resumed.yaml" in qt_after[5]
+    assert _snapshot(client, dt_id) == dt_before  # status, params, tags, metrics, files
+
+    # naming a run of another variant is refused before anything is touched
+    done = _fit(maze_file, tmp_path, "--trainer.max_epochs", "3", "--ckpt_path", f"run:{dt_id}")
+    assert done.returncode != 0
+    assert f"--ckpt_path run:{dt_id}: that run is maze2d-umaze-v1/dt-" in done.stderr
+    assert "expected a run of the same task, variant and seed" in done.stderr
+    assert _snapshot(client, dt_id) == dt_before
+    assert len(client.search_runs([exp.experiment_id])) == 2
+    # and naming it with its own config resumes it
+    done = _fit(
+        maze_file, tmp_path, *DT, "--trainer.max_epochs", "3", "--ckpt_path", f"run:{dt_id}"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_snapshot(client, dt_id)[4]) == 3
