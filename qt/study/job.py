@@ -49,7 +49,7 @@ def run(spec: dict) -> int:
                 f"{logger}run_name", spec["run_name"],
                 f"{logger}tags", json.dumps({**tags, "qt.study.kind": "fit"})]  # fmt: skip
         if spec.get("resume"):
-            argv += [f"{logger}run_id", fit_run, "--ckpt_path", spec["resume"]]
+            argv += ["--ckpt_path", f"run:{fit_run}"]  # cli.py checks it is this configuration
             print(f"[job] resuming fit run {fit_run} from {spec['resume']}", flush=True)
         fit = cli.main(argv)
         fit_run = fit.trainer.logger.run_id

@@ -54,16 +54,16 @@ def run_job_process(spec: dict, cwd: str, log: str) -> tuple[int, float]:
 def open_store(study: Study):
     """The MLflow client, the study's experiment (created here, before any worker opens the
     store, so that workers never race on creating it) and the study's parent run."""
-    client, uri = rep.client_for(study)
+    from qt.tracking import open_experiment, store_lock
+
     Path(study.save_dir).mkdir(parents=True, exist_ok=True)
-    exp = client.get_experiment_by_name(study.experiment)
-    if exp is None:
-        location = None
-        if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
-            location = (Path(study.save_dir).resolve() / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(study.experiment, artifact_location=location)
-    else:
-        experiment_id = exp.experiment_id
+    uri = rep.client_for(study)[1]
+    location = None
+    if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (Path(study.save_dir).resolve() / "mlartifacts").as_uri()
+    with store_lock(uri):  # the first use of a fresh store creates its tables
+        client = rep.client_for(study)[0]
+        experiment_id = open_experiment(client, study.experiment, location)
     spec = json.dumps({"source": study.source, "config": study.config})
     parent = rep.parent_run(client, experiment_id, study.name)
     if parent is None:
