@@ -26,7 +26,9 @@ class QTModule(L.LightningModule):
     Args:
         state_dim, act_dim, K, max_ep_len, scale, env_targets, state_mean, state_std: facts of
             the data, linked from the data module by the CLI (never typed in a config).
-        hidden_size, n_layer, n_head, dropout: actor width/depth (the critic shares the width).
+        hidden_size, n_layer, n_head, dropout: actor width/depth.
+        critic_hidden_size: the critic's width; None (the published setting) shares the
+            actor's `hidden_size`.
         embed_dropout: dropout on the actor's token embeddings; the reference's GPT-2 keeps
             its default 0.1 whatever `dropout` is.
         sar: tokens (s, a, r) instead of (R, s, a), with a reward head.
@@ -55,6 +57,7 @@ class QTModule(L.LightningModule):
         state_mean: list[float] | None = None,
         state_std: list[float] | None = None,
         hidden_size: int = 256,
+        critic_hidden_size: int | None = None,
         n_layer: int = 4,
         n_head: int = 4,
         dropout: float = 0.1,
@@ -83,6 +86,7 @@ class QTModule(L.LightningModule):
         _check_hparams(
             state_dim=state_dim, act_dim=act_dim, K=K, max_ep_len=max_ep_len, scale=scale,
             hidden_size=hidden_size, n_layer=n_layer, n_head=n_head, dropout=dropout,
+            critic_hidden_size=hidden_size if critic_hidden_size is None else critic_hidden_size,
             learning_rate=learning_rate, critic_lr=critic_lr, max_iters=max_iters,
             lambda_=lambda_, discount=discount, num_candidates=num_candidates,
         )  # fmt: skip
@@ -94,7 +98,8 @@ class QTModule(L.LightningModule):
             max_ep_len=max_ep_len, dropout=dropout, sar=sar, scale=scale,
             embed_dropout=embed_dropout,
         )  # fmt: skip
-        self.critic = TwinCritic(state_dim, act_dim, hidden_size=hidden_size)
+        critic_width = hidden_size if critic_hidden_size is None else critic_hidden_size
+        self.critic = TwinCritic(state_dim, act_dim, hidden_size=critic_width)
         # Target copies start as exact copies; they learn only through TargetNetworks.
         self.ema_actor = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -283,7 +288,7 @@ def _mix(*parts: int) -> int:
 
 def _check_hparams(**values) -> None:
     positive_ints = ("state_dim", "act_dim", "K", "max_ep_len", "hidden_size", "n_layer",
-                     "n_head", "max_iters", "num_candidates")  # fmt: skip
+                     "n_head", "max_iters", "num_candidates", "critic_hidden_size")  # fmt: skip
     for name in positive_ints:
         v = values[name]
         if not isinstance(v, int) or v < 1:

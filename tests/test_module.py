@@ -241,3 +241,24 @@ def test_bad_hyperparameters_are_named():
         QTModule(lambda_=0)
     with pytest.raises(ValueError, match=r"state_mean/state_std"):
         QTModule(state_dim=3, state_mean=[0.0, 1.0])
+
+
+def test_critic_width_defaults_to_the_actors_and_can_differ():
+    shared = QTModule(state_dim=S, act_dim=A, K=K, max_ep_len=K, hidden_size=8, n_layer=1, n_head=2)
+    wide = QTModule(
+        state_dim=S, act_dim=A, K=K, max_ep_len=K, hidden_size=8, n_layer=1, n_head=2,
+        critic_hidden_size=32,
+    )  # fmt: skip
+
+    def critic_params(width: int) -> int:  # two MLPs (S+A) -> w -> w -> w -> 1, with biases
+        return 2 * ((S + A + 1) * width + 2 * (width + 1) * width + (width + 1))
+
+    for module, width in ((shared, 8), (wide, 32)):
+        for net in (module.critic, module.critic_target):
+            assert sum(p.numel() for p in net.parameters()) == critic_params(width)
+    # the actor does not change with the critic's width
+    assert sum(p.numel() for p in wide.actor.parameters()) == sum(
+        p.numel() for p in shared.actor.parameters()
+    )
+    with pytest.raises(ValueError, match=r"model.critic_hidden_size=0"):
+        QTModule(critic_hidden_size=0)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from qt.envs import make_env
 from qt.acting.episodes import run_episodes
-from qt.models import QTActor, TwinCritic
 from qt.acting.policy import QTPolicy
+from qt.envs import make_env
+from qt.models import QTActor, TwinCritic
 
 S, A = 4, 2
 
