@@ -307,3 +307,18 @@ def test_the_command_stops_before_anything_runs(tmp_path, data):
         "unrecognized arguments: --model.n_layerz 2."
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]  # no store, no results
+
+
+def test_a_second_process_of_the_same_study_stops(tmp_path, data, monkeypatch):
+    import fcntl
+
+    from qt.study.runner import run
+
+    monkeypatch.chdir(tmp_path)
+    study = load_study(_write(tmp_path, _study(data)))
+    (tmp_path / "runs").mkdir()
+    with open(tmp_path / "runs" / ".study-tiny.lock", "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # the study running elsewhere
+        with pytest.raises(StudyError, match=r"study 'tiny' is already running in another process"):
+            run(study)
+    assert not (tmp_path / "runs" / "mlflow.db").exists()

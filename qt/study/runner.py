@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from qt.study import report as rep
-from qt.study.spec import Study
+from qt.study.spec import Study, StudyError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -202,12 +202,46 @@ def _ray(study, todo, specs, logs, progress, exp_id, address: str | None) -> int
         ray.shutdown()
 
 
+def _lock(study: Study):
+    """One process per study at a time: the lock dies with its process, even by SIGKILL."""
+    import fcntl
+
+    path = Path(study.save_dir) / f".study-{study.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a")  # noqa: SIM115 (held until this process ends)
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StudyError(
+            f"study {study.name!r} is already running in another process (it holds {path}): "
+            "wait for it, or stop it and run the study again to resume."
+        ) from None
+    return handle
+
+
+def _close_stale_runs(client, exp_id: str, study: Study, specs: list[dict]) -> None:
+    """Runs left RUNNING by a killed study (none can be alive: this process holds the study's
+    lock) are marked KILLED, except the fits about to be resumed."""
+    resumed = {spec.get("fit_run_id") for spec in specs if "resume" in spec}
+    for run in rep.study_runs(client, exp_id, study.name):
+        kind = run.data.tags.get("qt.study.kind")
+        if (
+            kind in ("fit", "test")
+            and run.info.status == "RUNNING"
+            and run.info.run_id not in resumed
+        ):
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
 # ---------------------------------------------------------------------------- entry point
 def run(study: Study, backend: str = "local", address: str | None = None) -> int:
+    lock = _lock(study)  # noqa: F841 (held to the end of the process)
     client, uri, exp_id, parent_id = open_store(study)
     jobs = study.jobs()
     todo = _plan(study, client, exp_id)
     specs = [_spec(study, s, exp_id, parent_id) for s in todo]
+    _close_stale_runs(client, exp_id, study, specs)
     resumed = sum("resume" in spec for spec in specs)
     tests_only = sum(s.fit_finished for s in todo)
     _say(
