@@ -322,3 +322,22 @@ def test_a_second_process_of_the_same_study_stops(tmp_path, data, monkeypatch):
         with pytest.raises(StudyError, match=r"study 'tiny' is already running in another process"):
             run(study)
     assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "studies").glob("*.yaml")), ids=str)
+def test_the_study_files_of_the_repository_parse(path, monkeypatch):
+    from qt.study.spec import fit_args, parse_fit
+
+    monkeypatch.chdir(ROOT)
+    study = load_study(path, check=False)  # without their data, which may not be generated yet
+    assert len(study.jobs()) == len(study.tasks) * len(study.variants) * len(study.seeds)
+    for task, over in study.tasks.items():
+        for variant, var_over in study.variants.items():
+            args = fit_args(study, task, {**study.overrides, **over, **var_over})
+            config = parse_fit(args, f"{path.name}: {task}, {variant}")
+            assert config.data.task == task
+            for key, value in {**study.overrides, **over, **var_over}.items():
+                node = config
+                for part in key.split("."):
+                    node = node[part]
+                assert node == value, key
