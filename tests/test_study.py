@@ -152,6 +152,9 @@ def test_study_end_to_end_report_equals_the_mlflow_histories(uninterrupted):
     assert len(progress) == 8, out
     assert all("best " in p and "test " in p and " s; " in p for p in progress)
     assert progress[-1].endswith("0 left, ETA 0 s")
+    # every fit ran with the study's threads per worker
+    for log in (folder / "results" / "tiny" / "logs").glob("*.log"):
+        assert "[job] threads: torch 1, OMP_NUM_THREADS 1, MKL_NUM_THREADS 1" in log.read_text()
 
     values = _from_histories(folder)
     assert len(values) == 8
@@ -324,7 +327,9 @@ def test_a_second_process_of_the_same_study_stops(tmp_path, data, monkeypatch):
     assert not (tmp_path / "runs" / "mlflow.db").exists()
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "studies").glob("*.yaml")), ids=str)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_the_study_files_of_the_repository_parse(path, monkeypatch):
     from qt.study.spec import fit_args, parse_fit
 

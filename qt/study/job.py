@@ -38,6 +38,9 @@ def run(spec: dict) -> int:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    print(f"[job] threads: torch {torch.get_num_threads()}, OMP_NUM_THREADS "
+          f"{os.environ.get('OMP_NUM_THREADS')}, MKL_NUM_THREADS {os.environ.get('MKL_NUM_THREADS')}",
+          flush=True)  # fmt: skip
     import cli
 
     logger = "--trainer.logger.init_args."
