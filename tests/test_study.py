@@ -214,33 +214,27 @@ def test_study_end_to_end_report_equals_the_mlflow_histories(uninterrupted):
 
 
 def _running_fit_with_last_ckpt(folder: Path) -> bool:
-    db = folder / "runs" / "mlflow.db"
-    if not db.exists():
+    """A fit of the study that has written last.ckpt and is still running."""
+    from qt.tracking import store_lock
+
+    ckpts = list((folder / "runs").glob("*/*/checkpoints/last.ckpt"))
+    if not ckpts:
         return False
-    try:
+    with store_lock(f"sqlite:///{folder / 'runs' / 'mlflow.db'}"):  # never a first use here
         client = _client(folder)
-        exp = client.get_experiment_by_name("study-tiny")
-        if exp is None:
-            return False
-        for run in client.search_runs([exp.experiment_id], "tags.`qt.study.kind` = 'fit'"):
-            ckpt = (
-                folder / "runs" / exp.experiment_id / run.info.run_id / "checkpoints" / "last.ckpt"
-            )
-            if run.info.status == "RUNNING" and ckpt.exists():
-                return True
-    except Exception:  # the store being written at this moment
-        return False
-    return False
+        return any(client.get_run(c.parents[1].name).info.status == "RUNNING" for c in ckpts)
 
 
 def test_a_killed_study_resumes_to_the_same_report(tmp_path, data, uninterrupted):
     folder = tmp_path / "killed"
     path = _write(folder, _study(data))
-    proc = subprocess.Popen(_cmd("run", str(path)), cwd=folder, env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 300
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(_cmd("run", str(path)), cwd=folder, env=_env(),
+                                start_new_session=True, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 600
     while not _running_fit_with_last_ckpt(folder):
-        assert proc.poll() is None and time.monotonic() < deadline, "no fit to interrupt"
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError("no fit to interrupt: " + (tmp_path / "killed.log").read_text())
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the study and its fits, at once
     proc.wait()

@@ -381,7 +381,7 @@ def write(report: Report, client, parent_run_id: str | None) -> Path:
 
 
 def study_from_store(name: str, save_dir: str = "runs", results: str | None = None) -> Study:
-    """The study a parent run was last started with (its file is kept in the parent's tags)."""
+    """The study a parent run was last started with (`study.json`, an artifact of the parent)."""
     import mlflow
 
     from qt.study.spec import StudyError, load_study
@@ -393,9 +393,11 @@ def study_from_store(name: str, save_dir: str = "runs", results: str | None = No
     parent = None if exp is None else parent_run(client, exp.experiment_id, name)
     if parent is None:
         raise StudyError(f"no study named {name!r} in {uri}: run it first with `python -m qt.study run`.")  # fmt: skip
-    spec = json.loads(client.get_run(parent.info.run_id).data.tags["qt.study.file"])
+    # the study as it last ran: its file, and its jobs' keys (config files may have changed since)
+    spec = json.loads(mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/study.json"))
     study = load_study(Path(f"{name}.yaml"), check=False, text=spec["source"])
     study.name, study.config, study.save_dir = name, spec["config"], save_dir
+    study.keys = spec["keys"]
     if results is not None:
         study.results = results
     return study

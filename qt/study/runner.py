@@ -64,14 +64,14 @@ def open_store(study: Study):
     with store_lock(uri):  # the first use of a fresh store creates its tables
         client = rep.client_for(study)[0]
         experiment_id = open_experiment(client, study.experiment, location)
-    spec = json.dumps({"source": study.source, "config": study.config})
+    spec = {"source": study.source, "config": study.config, "keys": [j.key for j in study.jobs()]}
     parent = rep.parent_run(client, experiment_id, study.name)
     if parent is None:
         parent = client.create_run(experiment_id, run_name=study.name,
                                    tags={"study": study.name, "qt.study.kind": "study"})  # fmt: skip
     else:
         client.update_run(parent.info.run_id, status="RUNNING")
-    client.set_tag(parent.info.run_id, "qt.study.file", spec)
+    client.log_text(parent.info.run_id, json.dumps(spec, indent=1), "study.json")
     return client, uri, experiment_id, parent.info.run_id
 
 

@@ -94,6 +94,7 @@ class Study:
     save_dir: str = "runs"
     results: str = "results"
     source: str = ""  # the study file's text, kept with the parent run
+    keys: list[str] | None = None  # the jobs' keys as the study last ran (a report by name)
 
     @property
     def experiment(self) -> str:
@@ -103,7 +104,8 @@ class Study:
         return {k: getattr(self, k) for k in ("name", *(k for k in KEYS if k != "name"))}
 
     def jobs(self) -> list[Job]:
-        config_text = _config_text(self.config)
+        config_text = _config_text(self.config) if self.keys is None else ""
+        keys = iter(self.keys or [])
         jobs = []
         for task, task_over in self.tasks.items():
             for variant, var_over in self.variants.items():
@@ -111,6 +113,8 @@ class Study:
                 for seed in self.seeds:
                     what = json.dumps([args, seed, self.test_episodes, config_text])
                     key = hashlib.sha256(what.encode()).hexdigest()[:16]
+                    if self.keys is not None:
+                        key = next(keys)
                     jobs.append(Job(task, variant, seed, tuple(args), key))
         return jobs
 
