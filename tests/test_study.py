@@ -225,6 +225,7 @@ def _running_fit_with_last_ckpt(folder: Path) -> bool:
         return any(client.get_run(c.parents[1].name).info.status == "RUNNING" for c in ckpts)
 
 
+@pytest.mark.slow  # a second study of 8 fits (about a minute on 2 idle cores): make test-all
 def test_a_killed_study_resumes_to_the_same_report(tmp_path, data, uninterrupted):
     folder = tmp_path / "killed"
     path = _write(folder, _study(data))
@@ -254,6 +255,7 @@ def test_a_killed_study_resumes_to_the_same_report(tmp_path, data, uninterrupted
     assert "8 runs (2 tasks x 2 variants x 2 seeds); 8 finished" in third.stdout
 
 
+@pytest.mark.slow  # a third study of 8 fits, and Ray's start-up: make test-all
 def test_the_ray_backend_gives_the_same_report(tmp_path, data, uninterrupted):
     pytest.importorskip("ray")
     folder = tmp_path / "ray"
