@@ -14,7 +14,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 export MPLBACKEND ?= Agg
 
-.PHONY: help setup demo test test-all data bench lint format ui clean
+.PHONY: help setup demo test test-all data study report bench lint format ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,14 @@ test-all: setup  ## every test this machine can run, slow ones included
 
 data: setup  ## generate the maze2d-umaze dataset at D4RL's size (1M steps; Minari + hdf5 in ./data; kept when there)
 	$(BIN)/python -m qt.datagen maze2d-umaze-v1
+
+study: setup  ## run or resume a study: make study STUDY=configs/studies/maze2d-umaze-cpu.yaml
+	@test -n "$(STUDY)" || { echo "error: STUDY=<study file> is required, e.g. STUDY=configs/studies/maze2d-umaze-cpu.yaml"; exit 2; }
+	$(BIN)/python -m qt.study run $(STUDY) $(if $(BACKEND),--backend $(BACKEND))
+
+report: setup  ## write a study's report from MLflow: make report NAME=maze2d-umaze-cpu
+	@test -n "$(NAME)" || { echo "error: NAME=<study name> is required, e.g. NAME=maze2d-umaze-cpu"; exit 2; }
+	$(BIN)/python -m qt.study report $(NAME)
 
 bench: setup  ## benchmarks: sampler, training step, acting (ratios in one run)
 	$(BIN)/python -m bench

@@ -1,0 +1,54 @@
+"""`python -m qt.study run STUDY.yaml | report NAME` (see qt.study)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m qt.study",
+        description="Run a study of tasks x variants x seeds and report it with rliable.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run or resume a study file (finished runs are skipped)")
+    run.add_argument("study", help="a study file, e.g. configs/studies/maze2d-umaze-cpu.yaml")
+    run.add_argument("--backend", choices=("local", "ray"), default="local")
+    run.add_argument("--address", default=None,
+                     help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")  # fmt: skip
+    run.add_argument("--workers", type=int, default=None, help="override the file's workers")
+    run.add_argument("--check", action="store_true",
+                     help="validate the study file with cli.py's parser and stop")  # fmt: skip
+    report = sub.add_parser("report", help="write the report of a study from MLflow")
+    report.add_argument("name", help="the study's name")
+    report.add_argument("--save-dir", default="runs", help="the study's save_dir (default: runs)")
+    report.add_argument("--results", default=None, help="default: the study file's (results)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+    from qt.study import report as rep
+    from qt.study.spec import load_study
+
+    if args.command == "run":
+        study = load_study(args.study)
+        if args.workers is not None:
+            if args.workers < 1:
+                raise SystemExit(f"error: --workers {args.workers}: expected a whole number >= 1.")
+            study.workers = args.workers
+        if args.check:
+            print(f"[study] {study.name}: {len(study.jobs())} runs; the study file is valid.")
+            return 0
+        from qt.study.runner import run as run_study
+
+        return run_study(study, args.backend, args.address)
+    study = rep.study_from_store(args.name, args.save_dir, args.results)
+    result, path = rep.report(study)
+    print(result.markdown(), flush=True)
+    print(f"[study] report: {path}/", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

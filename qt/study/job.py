@@ -1,0 +1,84 @@
+"""One study job in its own process: `cli.py fit` (or its resumption), then `cli.py test` of the
+fit's best checkpoint. `python -m qt.study.job SPEC_JSON`; the study runner starts it.
+
+Both commands are `cli.main(argv)`, what `python cli.py fit|test ...` runs, in one process so
+that a job pays Python's and Lightning's start-up once. The threads setting reaches torch here
+and OMP/MKL through the environment the runner gives the process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM when the study process dies (even by SIGKILL): the fit saves last.ckpt and stops."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent and os.getppid() != parent:  # the parent died before prctl
+        sys.exit(143)
+
+
+def best_checkpoint(save_dir: str, experiment_id: str, run_id: str) -> Path:
+    ckpts = list((Path(save_dir) / experiment_id / run_id / "checkpoints").glob("best-*.ckpt"))
+    if not ckpts:
+        raise SystemExit(f"error: fit run {run_id} left no best-*.ckpt under {save_dir}.")
+    return max(ckpts, key=lambda p: p.stat().st_mtime)  # the newest best replaces the older
+
+
+def run(spec: dict) -> int:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    print(f"[job] threads: torch {torch.get_num_threads()}, OMP_NUM_THREADS "
+          f"{os.environ.get('OMP_NUM_THREADS')}, MKL_NUM_THREADS {os.environ.get('MKL_NUM_THREADS')}",
+          flush=True)  # fmt: skip
+    import cli
+
+    logger = "--trainer.logger.init_args."
+    common = [f"{logger}experiment_name", spec["experiment"], f"{logger}save_dir", spec["save_dir"]]
+    tags = dict(spec["tags"])
+    fit_run = spec.get("fit_run_id")
+    if not spec.get("fit_finished"):
+        argv = ["fit", *spec["fit_args"], "--seed_everything", str(spec["seed"]), *common,
+                f"{logger}run_name", spec["run_name"],
+                f"{logger}tags", json.dumps({**tags, "qt.study.kind": "fit"})]  # fmt: skip
+        if spec.get("resume"):
+            argv += ["--ckpt_path", f"run:{fit_run}"]  # cli.py checks it is this configuration
+            print(f"[job] resuming fit run {fit_run} from {spec['resume']}", flush=True)
+        fit = cli.main(argv)
+        fit_run = fit.trainer.logger.run_id
+    experiment_id = spec["experiment_id"]
+    best = best_checkpoint(spec["save_dir"], experiment_id, fit_run)
+    argv = ["test", *spec["fit_args"], "--seed_everything", str(spec["seed"]), *common,
+            f"{logger}run_name", spec["run_name"] + "-test",
+            f"{logger}tags", json.dumps({**tags, "qt.study.kind": "test", "qt.study.fit_run": fit_run}),
+            "--ckpt_path", str(best), "--episodes", str(spec["test_episodes"])]  # fmt: skip
+    cli.main(argv)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(argv[0])
+    sys.argv = sys.argv[:1]  # cli.main gets its arguments explicitly
+    _die_with_parent(spec.get("parent_pid", 0))
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        return run(spec)
+    except SIGTERMException:
+        print("Stopped by SIGTERM; the study resumes this fit from last.ckpt.", file=sys.stderr)
+        return 143
+
+
+if __name__ == "__main__":
+    sys.exit(main())

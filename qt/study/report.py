@@ -1,0 +1,416 @@
+"""A study's results, read back from MLflow: per task and variant, and across tasks, with
+95% stratified-bootstrap intervals computed by `rliable` (Agarwal et al., NeurIPS 2021).
+
+Three scores per (task, variant, seed), all D4RL-normalised:
+- best: the best evaluation score during the fit (the paper's protocol), the maximum of the
+  fit run's `eval/normalized_score` history;
+- last: its last evaluation score;
+- test: `test/normalized_score` of the test run of the fit's best checkpoint.
+
+Everything here comes from the MLflow store (metric histories, params, tags), never from files
+a crash could have left half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qt.study.spec import Job, Study
+
+SCORES = {"best": "best eval during fit", "last": "last eval", "test": "test (best ckpt)"}
+AGGREGATES = ("IQM", "mean")
+SEED = 0  # every bootstrap starts from this seed: the same runs give the same report
+
+
+# ---------------------------------------------------------------------------- MLflow read-back
+def client_for(study: Study):
+    import mlflow
+
+    from qt.tracking import default_tracking_uri
+
+    uri = default_tracking_uri(study.save_dir)
+    return mlflow.MlflowClient(uri), uri
+
+
+def study_runs(client, experiment_id: str, name: str) -> list:
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.study = '{name}'", max_results=50_000,
+        order_by=["attributes.start_time DESC"],
+    )  # fmt: skip
+
+
+@dataclass
+class JobState:
+    """What MLflow knows of one job: its newest fit and test runs of the job's key."""
+
+    job: Job
+    fit: object | None = None  # mlflow Run
+    test: object | None = None
+
+    @property
+    def fit_finished(self) -> bool:
+        return self.fit is not None and self.fit.info.status == "FINISHED"
+
+    @property
+    def done(self) -> bool:
+        return (
+            self.fit_finished
+            and self.test is not None
+            and self.test.info.status == "FINISHED"
+            and "test/normalized_score" in self.test.data.metrics
+        )
+
+
+def job_states(client, experiment_id: str, study: Study) -> list[JobState]:
+    runs = study_runs(client, experiment_id, study.name)
+    states = []
+    for job in study.jobs():
+        mine = [r for r in runs if r.data.tags.get("qt.study.key") == job.key]
+        fits = [r for r in mine if r.data.tags.get("qt.study.kind") == "fit"]
+        # the finished fit if there is one, else the newest (runs are newest first)
+        fit = next((r for r in fits if r.info.status == "FINISHED"), fits[0] if fits else None)
+        tests = [r for r in mine if r.data.tags.get("qt.study.kind") == "test"
+                 and fit is not None and r.data.tags.get("qt.study.fit_run") == fit.info.run_id
+                 and r.info.status == "FINISHED"]  # fmt: skip
+        states.append(JobState(job, fit, tests[0] if tests else None))
+    return states
+
+
+def eval_history(client, run) -> tuple[np.ndarray, np.ndarray]:
+    """(training steps, eval/normalized_score) of a fit run, one point per evaluation.
+
+    A resumed fit may log an iteration twice (killed after its evaluation was logged, before
+    its last.ckpt was written); both values are the same, and the later one is kept.
+    Training steps = (epoch + 1) x num_steps_per_iter, with the epoch logged at the same step.
+    """
+    scores = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval/normalized_score"), key=lambda m: m.timestamp)}  # fmt: skip
+    epochs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch")}
+    per_iter = int(run.data.params["config.data.num_steps_per_iter"])
+    steps = sorted(scores)
+    x = np.array([(int(epochs[s]) + 1) * per_iter for s in steps], dtype=float)
+    return x, np.array([scores[s] for s in steps], dtype=float)
+
+
+@dataclass
+class Result:
+    job: Job
+    best: float
+    last: float
+    test: float
+    steps: np.ndarray
+    curve: np.ndarray
+    params: dict
+    seconds: float  # fit run + test run durations
+    start_ms: int
+    end_ms: int
+
+
+def read_result(client, state: JobState) -> Result:
+    steps, curve = eval_history(client, state.fit)
+    fit, test = state.fit.info, state.test.info
+    return Result(
+        job=state.job,
+        best=float(curve.max()),
+        last=float(curve[-1]),
+        test=float(state.test.data.metrics["test/normalized_score"]),
+        steps=steps,
+        curve=curve,
+        params=state.fit.data.params,
+        seconds=((fit.end_time - fit.start_time) + (test.end_time - test.start_time)) / 1000,
+        start_ms=min(fit.start_time, test.start_time),
+        end_ms=max(fit.end_time, test.end_time),
+    )
+
+
+# ---------------------------------------------------------------------------- statistics
+def interval(scores: np.ndarray, func, reps: int) -> tuple[np.ndarray, np.ndarray]:
+    """rliable's point estimate and 95% stratified-bootstrap interval of `func(scores)`.
+
+    rliable's StratifiedBootstrap draws its indices from numpy's global generator, so it is
+    seeded here (and its state put back): the same scores always give the same interval.
+    """
+    from rliable import library as rly
+
+    state = np.random.get_state()  # noqa: NPY002 (rliable draws from the global generator)
+    np.random.seed(SEED)  # noqa: NPY002
+    try:
+        point, bounds = rly.get_interval_estimates({"x": scores}, func, reps=reps)
+    finally:
+        np.random.set_state(state)  # noqa: NPY002
+    return np.asarray(point["x"], dtype=float), np.asarray(bounds["x"], dtype=float)
+
+
+def _cell_mean(x: np.ndarray) -> np.ndarray:
+    from rliable import metrics
+
+    return np.array([metrics.aggregate_mean(x)])
+
+
+def _iqm_and_mean(x: np.ndarray) -> np.ndarray:
+    from rliable import metrics
+
+    return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
+
+
+def _curve_mean(x: np.ndarray) -> np.ndarray:
+    return x[:, 0, :].mean(axis=0)
+
+
+@dataclass
+class Report:
+    study: Study
+    results: list[Result]
+    missing: list[Job]
+    cells: dict = field(default_factory=dict)  # (task, variant, score) -> {mean, lo, hi, values}
+    aggregates: dict = field(default_factory=dict)  # (variant, score, stat) -> {value, lo, hi}
+    curves: dict = field(default_factory=dict)  # (task, variant) -> (steps, mean, lo, hi)
+
+    def compute(self) -> Report:
+        reps = self.study.bootstrap_reps
+        by_cell: dict[tuple[str, str], list[Result]] = {}
+        for r in self.results:
+            by_cell.setdefault((r.job.task, r.job.variant), []).append(r)
+        for (task, variant), rs in by_cell.items():
+            rs.sort(key=lambda r: r.job.seed)
+            for score in SCORES:
+                values = np.array([[getattr(r, score)] for r in rs])  # seeds x 1 task
+                point, bounds = interval(values, _cell_mean, reps)
+                self.cells[task, variant, score] = {
+                    "mean": float(point[0]), "lo": float(bounds[0, 0]),
+                    "hi": float(bounds[1, 0]), "values": values[:, 0].tolist(),
+                }  # fmt: skip
+            n = min(len(r.curve) for r in rs)
+            if n:
+                curves = np.stack([r.curve[:n] for r in rs])[:, None, :]  # seeds x 1 x points
+                point, bounds = interval(curves, _curve_mean, reps)
+                self.curves[task, variant] = (rs[0].steps[:n], point, bounds[0], bounds[1])
+        if self.missing:
+            return self  # aggregates need every (task, variant, seed)
+        tasks, seeds = list(self.study.tasks), self.study.seeds
+        for variant in self.study.variants:
+            for score in SCORES:
+                values = np.array([[self.cells[t, variant, score]["values"][i] for t in tasks]
+                                   for i in range(len(seeds))])  # fmt: skip
+                point, bounds = interval(values, _iqm_and_mean, reps)
+                for k, stat in enumerate(AGGREGATES):
+                    self.aggregates[variant, score, stat] = {
+                        "value": float(point[k]), "lo": float(bounds[0, k]),
+                        "hi": float(bounds[1, k]),
+                    }  # fmt: skip
+        return self
+
+    # ------------------------------------------------------------------------ outputs
+    def budget(self) -> list[str]:
+        lines = {}
+        for variant in self.study.variants:
+            ps = [r.params for r in self.results if r.job.variant == variant]
+            if not ps:
+                continue
+            p = ps[0]
+            steps = int(p["config.trainer.max_epochs"]) * int(p["config.data.num_steps_per_iter"])
+            text = (
+                f"{steps:,} training steps ({p['config.trainer.max_epochs']} iterations x "
+                f"{p['config.data.num_steps_per_iter']}), batch {p['config.data.batch_size']}, "
+                f"width {p['config.model.hidden_size']}, {p['config.model.n_layer']} layers, "
+                f"{p['config.model.n_head']} heads, context K {p['config.data.K']}"
+            )
+            lines.setdefault(text, []).append(variant)
+        if len(lines) == 1:
+            return [f"Budget: {next(iter(lines))}."]
+        return [f"Budget of {', '.join(vs)}: {text}." for text, vs in lines.items()]
+
+    def markdown(self) -> str:
+        s = self.study
+        done = len(self.results)
+        total = done + len(self.missing)
+        out = [f"# Study {s.name}", ""]
+        out += self.budget()
+        out += [
+            f"Seeds: {', '.join(map(str, s.seeds))}; test: {s.test_episodes} episodes of each "
+            f"fit's best checkpoint; {s.workers} workers x {s.threads_per_worker} threads.",
+        ]
+        if self.results:
+            span = (max(r.end_ms for r in self.results) - min(r.start_ms for r in self.results)) / 1000  # fmt: skip
+            busy = sum(r.seconds for r in self.results)
+            out.append(f"Wall time: {span / 60:.1f} min from the first fit's start to the last test's end; {busy / 60:.1f} min of fits and tests in all.")  # fmt: skip
+        if self.missing:
+            out.append(f"Incomplete: {done} of {total} runs finished; missing: "
+                       + ", ".join(j.label for j in self.missing) + ".")  # fmt: skip
+        out += [
+            "",
+            f"D4RL-normalised scores: mean [95% stratified-bootstrap interval] over seeds "
+            f"(rliable, {s.bootstrap_reps:,} resamples).",
+            "",
+            "| task | variant | seeds | " + " | ".join(SCORES.values()) + " |",
+            "|---|---|---|" + "---|" * len(SCORES),
+        ]
+        for task in s.tasks:
+            for variant in s.variants:
+                if (task, variant, "best") not in self.cells:
+                    continue
+                n = len(self.cells[task, variant, "best"]["values"])
+                row = [_fmt(self.cells[task, variant, k], "mean") for k in SCORES]
+                out.append(f"| {task} | {variant} | {n} | " + " | ".join(row) + " |")
+        if self.aggregates:
+            out += [
+                "",
+                f"Across {len(s.tasks)} task{'s' if len(s.tasks) > 1 else ''}: IQM and mean "
+                f"over (seed, task) scores [95% stratified-bootstrap interval].",
+                "",
+                "| variant | statistic | " + " | ".join(SCORES.values()) + " |",
+                "|---|---|" + "---|" * len(SCORES),
+            ]
+            for variant in s.variants:
+                for stat in AGGREGATES:
+                    row = [_fmt(self.aggregates[variant, k, stat], "value") for k in SCORES]
+                    out.append(f"| {variant} | {stat} | " + " | ".join(row) + " |")
+        return "\n".join(out) + "\n"
+
+    def to_json(self) -> dict:
+        return {
+            "study": self.study.name,
+            "cells": [{"task": t, "variant": v, "score": k, **c} for (t, v, k), c in self.cells.items()],
+            "aggregates": [{"variant": v, "score": k, "statistic": st, **a}
+                           for (v, k, st), a in self.aggregates.items()],
+            "missing": [j.label for j in self.missing],
+        }  # fmt: skip
+
+    def plot_curves(self, path: Path) -> None:
+        import matplotlib.pyplot as plt
+
+        tasks = list(self.study.tasks)
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.4), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for variant in self.study.variants:
+                if (task, variant) not in self.curves:
+                    continue
+                x, mean, lo, hi = self.curves[task, variant]
+                (line,) = ax.plot(x, mean, marker="o", ms=3, label=variant)
+                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+            ax.set_title(task)
+            ax.set_xlabel("training steps")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("normalised score (eval)")
+        axes[0][-1].legend(title="mean, 95% CI")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    def plot_intervals(self, path: Path) -> None:
+        """One panel per (score, statistic): the point estimate and its interval per variant."""
+        import matplotlib.pyplot as plt
+
+        variants = list(self.study.variants)
+        fig, axes = plt.subplots(len(SCORES), len(AGGREGATES), squeeze=False,
+                                 figsize=(8, 0.6 + len(SCORES) * (0.5 + 0.35 * len(variants))))  # fmt: skip
+        for row, k in zip(axes, SCORES):
+            for ax, stat in zip(row, AGGREGATES):
+                for i, variant in enumerate(variants):
+                    a = self.aggregates.get((variant, k, stat))
+                    if a is None:
+                        continue
+                    ax.barh(
+                        i, a["hi"] - a["lo"], left=a["lo"], height=0.6, color=f"C{i}", alpha=0.6
+                    )
+                    ax.vlines(a["value"], i - 0.3, i + 0.3, color="k", lw=1.5)
+                ax.set_yticks(range(len(variants)), variants)
+                ax.set_ylim(-0.6, len(variants) - 0.4)
+                ax.set_title(f"{stat}: {SCORES[k]}", fontsize=9)
+                ax.grid(axis="x", alpha=0.3)
+        fig.supxlabel(
+            "normalised score: point estimate and 95% stratified-bootstrap interval", fontsize=9
+        )
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _fmt(d: dict, key: str) -> str:
+    return f"{d[key]:.1f} [{d['lo']:.1f}, {d['hi']:.1f}]"
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- entry points
+def parent_run(client, experiment_id: str, name: str):
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.study = '{name}' and tags.`qt.study.kind` = 'study'",
+        order_by=["attributes.start_time ASC"], max_results=1,
+    )  # fmt: skip
+    return runs[0] if runs else None
+
+
+def build(study: Study, client, experiment_id: str) -> Report:
+    states = job_states(client, experiment_id, study)
+    results = [read_result(client, st) for st in states if st.done]
+    missing = [st.job for st in states if not st.done]
+    return Report(study, results, missing).compute()
+
+
+def write(report: Report, client, parent_run_id: str | None) -> Path:
+    """results/<name>/: report.md, scores.json, learning_curves.png, intervals.png; the same
+    files as artifacts (`report/`) of the study's parent run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(report.study.results) / report.study.name
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "report.md", report.markdown())
+    _write(out / "scores.json", json.dumps(report.to_json(), indent=1) + "\n")
+    files = [out / "report.md", out / "scores.json"]
+    if report.curves:
+        report.plot_curves(out / "learning_curves.png")
+        files.append(out / "learning_curves.png")
+    if report.aggregates:
+        report.plot_intervals(out / "intervals.png")
+        files.append(out / "intervals.png")
+    if parent_run_id is not None:
+        for f in files:
+            client.log_artifact(parent_run_id, str(f), "report")
+    return out
+
+
+def study_from_store(name: str, save_dir: str = "runs", results: str | None = None) -> Study:
+    """The study a parent run was last started with (`study.json`, an artifact of the parent)."""
+    import mlflow
+
+    from qt.study.spec import StudyError, load_study
+    from qt.tracking import default_tracking_uri
+
+    uri = default_tracking_uri(save_dir)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(f"study-{name}")
+    parent = None if exp is None else parent_run(client, exp.experiment_id, name)
+    if parent is None:
+        raise StudyError(f"no study named {name!r} in {uri}: run it first with `python -m qt.study run`.")  # fmt: skip
+    # the study as it last ran: its file, and its jobs' keys (config files may have changed since)
+    spec = json.loads(mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/study.json"))
+    study = load_study(Path(f"{name}.yaml"), check=False, text=spec["source"])
+    study.name, study.config, study.save_dir = name, spec["config"], save_dir
+    study.keys = spec["keys"]
+    if results is not None:
+        study.results = results
+    return study
+
+
+def report(study: Study) -> tuple[Report, Path]:
+    client, _ = client_for(study)
+    exp = client.get_experiment_by_name(study.experiment)
+    if exp is None:
+        from qt.study.spec import StudyError
+
+        raise StudyError(f"no MLflow experiment {study.experiment!r}: run the study first.")
+    parent = parent_run(client, exp.experiment_id, study.name)
+    rep = build(study, client, exp.experiment_id)
+    out = write(rep, client, parent.info.run_id if parent else None)
+    return rep, out

@@ -1,0 +1,277 @@
+"""Running a study: one MLflow parent run, one job per (task, variant, seed), resumable.
+
+A job is a process (`python -m qt.study.job`) that runs `cli.py fit` and `cli.py test` of the
+fit's best checkpoint. Before anything starts, MLflow says what each job still needs:
+nothing (its test run finished), the test (its fit finished), the fit resumed from its
+`last.ckpt` in the same MLflow run (an interrupted fit), or everything.
+
+Backends: `local` (default) keeps `workers` job processes running at once; `ray` submits each
+job as a Ray task asking for `threads_per_worker` CPUs (and `gpus_per_worker` GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qt.study import report as rep
+from qt.study.spec import Study, StudyError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _say(message: str) -> None:
+    print(f"[study] {message}", flush=True)
+
+
+def _env(threads: int) -> dict[str, str]:
+    n = str(threads)
+    env = dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n,
+               PYTHONUNBUFFERED="1", MPLBACKEND="Agg")  # fmt: skip
+    # the job imports the same qt (and cli.py) as this process
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_job_process(spec: dict, cwd: str, log: str) -> tuple[int, float]:
+    """Run one job process to its end; (exit status, seconds). Also the body of a Ray task."""
+    t0 = time.perf_counter()
+    spec = dict(spec, parent_pid=os.getpid())
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as handle:
+        proc = subprocess.run(
+            [sys.executable, "-m", "qt.study.job", json.dumps(spec)],
+            cwd=cwd, env=_env(spec["threads"]), stdout=handle, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    return proc.returncode, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------- the store
+def open_store(study: Study):
+    """The MLflow client, the study's experiment (created here, before any worker opens the
+    store, so that workers never race on creating it) and the study's parent run."""
+    from qt.tracking import open_experiment, store_lock
+
+    Path(study.save_dir).mkdir(parents=True, exist_ok=True)
+    uri = rep.client_for(study)[1]
+    location = None
+    if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (Path(study.save_dir).resolve() / "mlartifacts").as_uri()
+    with store_lock(uri):  # the first use of a fresh store creates its tables
+        client = rep.client_for(study)[0]
+        experiment_id = open_experiment(client, study.experiment, location)
+    spec = {"source": study.source, "config": study.config, "keys": [j.key for j in study.jobs()]}
+    parent = rep.parent_run(client, experiment_id, study.name)
+    if parent is None:
+        parent = client.create_run(experiment_id, run_name=study.name,
+                                   tags={"study": study.name, "qt.study.kind": "study"})  # fmt: skip
+    else:
+        client.update_run(parent.info.run_id, status="RUNNING")
+    client.log_text(parent.info.run_id, json.dumps(spec, indent=1), "study.json")
+    return client, uri, experiment_id, parent.info.run_id
+
+
+def _spec(study: Study, state: rep.JobState, experiment_id: str, parent_id: str) -> dict:
+    job = state.job
+    spec = {
+        "fit_args": list(job.fit_args), "seed": job.seed, "run_name": job.run_name,
+        "experiment": study.experiment, "experiment_id": experiment_id,
+        "save_dir": study.save_dir, "threads": study.threads_per_worker,
+        "test_episodes": study.test_episodes,
+        "tags": {"study": study.name, "task": job.task, "variant": job.variant,
+                 "seed": str(job.seed), "qt.study.key": job.key,
+                 "mlflow.parentRunId": parent_id},
+    }  # fmt: skip
+    if state.fit_finished:
+        spec.update(fit_finished=True, fit_run_id=state.fit.info.run_id)
+    elif state.fit is not None:
+        run = state.fit.info
+        last = Path(study.save_dir) / experiment_id / run.run_id / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            spec.update(fit_run_id=run.run_id, resume=str(last))
+    return spec
+
+
+def _plan(study: Study, client, experiment_id: str) -> list[rep.JobState]:
+    states = rep.job_states(client, experiment_id, study)
+    return [s for s in states if not s.done]
+
+
+# ---------------------------------------------------------------------------- progress
+class Progress:
+    def __init__(self, study: Study, client, todo: int, total: int) -> None:
+        self.study, self.client = study, client
+        self.todo, self.total, self.finished, self.times = todo, total, 0, []
+        self.t0 = time.perf_counter()
+
+    def job_done(self, state: rep.JobState, rc: int, seconds: float, log: str, exp_id: str) -> bool:
+        self.finished += 1
+        self.times.append(seconds)
+        left = self.todo - self.finished
+        workers = max(1, min(self.study.workers, left))
+        eta = sum(self.times) / len(self.times) * -(-left // workers) if left else 0.0
+        head = f"{self.finished}/{self.todo} {state.job.label}"
+        tail = f"{seconds:.0f} s; {left} left, ETA {_minutes(eta)}"
+        if rc != 0:
+            _say(f"{head}: FAILED (exit {rc}; log {log}); {tail}")
+            return False
+        [now] = [s for s in rep.job_states(self.client, exp_id, self.study) if s.job == state.job]
+        if not now.done:
+            _say(f"{head}: no finished test run in MLflow (log {log}); {tail}")
+            return False
+        r = rep.read_result(self.client, now)
+        _say(f"{head}: best {r.best:.1f}, last {r.last:.1f}, test {r.test:.1f}; {tail}")
+        return True
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+# ---------------------------------------------------------------------------- backends
+def _local(study, todo, specs, logs, progress, exp_id) -> int:
+    pending = list(range(len(todo)))
+    running: dict[int, tuple[subprocess.Popen, float, object]] = {}
+    failed = 0
+    try:
+        while pending or running:
+            while pending and len(running) < study.workers:
+                i = pending.pop(0)
+                spec = dict(specs[i], parent_pid=os.getpid())
+                Path(logs[i]).parent.mkdir(parents=True, exist_ok=True)
+                handle = open(logs[i], "a")  # noqa: SIM115 (closed when the job ends)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "qt.study.job", json.dumps(spec)],
+                    cwd=os.getcwd(), env=_env(study.threads_per_worker),
+                    stdout=handle, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+                running[i] = (proc, time.perf_counter(), handle)
+            time.sleep(0.2)
+            for i, (proc, t0, handle) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                handle.close()
+                del running[i]
+                ok = progress.job_done(todo[i], proc.returncode, time.perf_counter() - t0,
+                                       logs[i], exp_id)  # fmt: skip
+                failed += not ok
+    except KeyboardInterrupt:
+        for proc, _, _ in running.values():
+            proc.terminate()  # SIGTERM: the fit saves last.ckpt (qt.checkpointing.SaveOnSigterm)
+        for proc, _, _ in running.values():
+            proc.wait()
+        raise
+    return failed
+
+
+def _ray(study, todo, specs, logs, progress, exp_id, address: str | None) -> int:
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit(
+            "error: --backend ray needs Ray: pip install -e '.[ray]' (or pip install ray)."
+        ) from None
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:  # a local instance with the CPUs the study's workers would use
+        ray.init(
+            num_cpus=study.workers * study.threads_per_worker, include_dashboard=False,
+            log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        )  # fmt: skip
+    try:
+        task = ray.remote(num_cpus=study.threads_per_worker, num_gpus=study.gpus_per_worker,
+                          max_retries=0)(run_job_process)  # fmt: skip
+        refs = {task.remote(specs[i], os.getcwd(), logs[i]): i for i in range(len(todo))}
+        failed = 0
+        while refs:
+            [ready], _ = ray.wait(list(refs), num_returns=1)
+            i = refs.pop(ready)
+            try:
+                rc, seconds = ray.get(ready)
+            except ray.exceptions.RayError as err:
+                _say(f"{todo[i].job.label}: Ray task failed ({type(err).__name__}; log {logs[i]})")
+                rc, seconds = 1, 0.0
+            failed += not progress.job_done(todo[i], rc, seconds, logs[i], exp_id)
+        return failed
+    finally:
+        ray.shutdown()
+
+
+def _lock(study: Study):
+    """One process per study at a time: the lock dies with its process, even by SIGKILL."""
+    import fcntl
+
+    path = Path(study.save_dir) / f".study-{study.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a")  # noqa: SIM115 (held until this process ends)
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StudyError(
+            f"study {study.name!r} is already running in another process (it holds {path}): "
+            "wait for it, or stop it and run the study again to resume."
+        ) from None
+    return handle
+
+
+def _close_stale_runs(client, exp_id: str, study: Study, specs: list[dict]) -> None:
+    """Runs left RUNNING by a killed study (none can be alive: this process holds the study's
+    lock) are marked KILLED, except the fits about to be resumed."""
+    resumed = {spec.get("fit_run_id") for spec in specs if "resume" in spec}
+    for run in rep.study_runs(client, exp_id, study.name):
+        kind = run.data.tags.get("qt.study.kind")
+        if (
+            kind in ("fit", "test")
+            and run.info.status == "RUNNING"
+            and run.info.run_id not in resumed
+        ):
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+# ---------------------------------------------------------------------------- entry point
+def run(study: Study, backend: str = "local", address: str | None = None) -> int:
+    lock = _lock(study)  # noqa: F841 (held to the end of the process)
+    client, uri, exp_id, parent_id = open_store(study)
+    jobs = study.jobs()
+    todo = _plan(study, client, exp_id)
+    specs = [_spec(study, s, exp_id, parent_id) for s in todo]
+    _close_stale_runs(client, exp_id, study, specs)
+    resumed = sum("resume" in spec for spec in specs)
+    tests_only = sum(s.fit_finished for s in todo)
+    _say(
+        f"{study.name}: {len(jobs)} runs ({len(study.tasks)} tasks x {len(study.variants)} "
+        f"variants x {len(study.seeds)} seeds); {len(jobs) - len(todo)} finished, "
+        f"{resumed} to resume from last.ckpt, {tests_only} to test, "
+        f"{len(todo) - resumed - tests_only} to start; backend {backend}, "
+        f"{study.workers} workers x {study.threads_per_worker} threads; MLflow {uri}, "
+        f"experiment {study.experiment}, parent run {parent_id}"
+    )
+    out = Path(study.results) / study.name
+    logs = [str(out / "logs" / f"{s.job.run_name}.log") for s in todo]
+    for s, spec in zip(todo, specs):
+        if "resume" in spec:
+            _say(f"{s.job.label}: resuming fit run {spec['fit_run_id']} from {spec['resume']}")
+    progress = Progress(study, client, len(todo), len(jobs))
+    t0 = time.perf_counter()
+    try:
+        if backend == "ray":
+            failed = _ray(study, todo, specs, logs, progress, exp_id, address)
+        else:
+            failed = _local(study, todo, specs, logs, progress, exp_id)
+    except KeyboardInterrupt:
+        client.set_terminated(parent_id, "KILLED")
+        _say("interrupted: running the same command again resumes the study.")
+        return 130
+    _say(f"jobs done in {_minutes(time.perf_counter() - t0)}; {failed} failed")
+    report, path = rep.report(study)
+    print(report.markdown(), flush=True)
+    _say(f"report: {path}/ (report.md, scores.json, learning_curves.png, intervals.png); "
+         f"also artifacts of MLflow run {parent_id}")  # fmt: skip
+    client.set_terminated(parent_id, "FAILED" if failed or report.missing else "FINISHED")
+    return 1 if failed or report.missing else 0
