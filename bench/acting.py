@@ -1,4 +1,4 @@
-"""Acting throughput: environment steps per second of Q-guided acting (QT_SPEC §4, 50
+"""Acting throughput: environment steps per second of Q-guided acting (docs/algorithm.md §4, 50
 candidates) for 10 hopper episodes at once against the same 10 episodes one after another with
 batch 1, side by side in one run, at the CPU size (d=128, 3 layers) and the published size
 (d=256, 4 layers, 4 heads); with the older timesteps run once per distinct return-to-go history
@@ -20,10 +20,10 @@ from functools import partial
 import torch
 
 from bench._common import table
-from qt.envs import make_env
 from qt.acting.episodes import run_episodes
-from qt.models import QTActor, TwinCritic
 from qt.acting.policy import QTPolicy
+from qt.envs import make_env
+from qt.models import QTActor, TwinCritic
 from qt.runtime import keep_freed_memory
 from qt.tasks import get_task
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import cli
+from qt.acting.episodes import run_episodes
+from qt.acting.policy import QTPolicy
 from qt.callbacks.evaluation import Evaluation
 from qt.checkpointing import load_checkpoint
 from qt.datagen.maze2d import generate
 from qt.datagen.writers import write_d4rl_hdf5
 from qt.envs import make_env
-from qt.acting.episodes import run_episodes
-from qt.acting.policy import QTPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

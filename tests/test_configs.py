@@ -63,7 +63,7 @@ def test_task_configs_are_generated_from_the_registry():
 
 
 def test_every_published_task_has_a_config():
-    # The tasks of QT_SPEC §6, written out independently of the registry.
+    # The tasks of docs/algorithm.md §6, written out independently of the registry.
     published = [
         "halfcheetah-medium", "halfcheetah-medium-replay", "halfcheetah-medium-expert",
         "hopper-medium", "hopper-medium-replay", "hopper-medium-expert",

@@ -1,4 +1,4 @@
-"""Q-guided acting (QT_SPEC §4): candidates against a per-candidate loop written the
+"""Q-guided acting (docs/algorithm.md §4): candidates against a per-candidate loop written the
 reference's way, the critic's pick, return-to-go bookkeeping, and batched == separate."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from qt.envs import make_env
 from qt.acting.episodes import run_episodes
-from qt.models import QTActor, TwinCritic
 from qt.acting.policy import QTPolicy
+from qt.envs import make_env
+from qt.models import QTActor, TwinCritic
 
 S, A = 4, 2
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from qt.acting.episodes import run_episodes
+from qt.acting.policy import QTPolicy
 from qt.callbacks.evaluation import Evaluation
 from qt.data.batch import Segments
 from qt.envs import make_env
-from qt.acting.episodes import run_episodes
 from qt.module import QTModule
-from qt.acting.policy import QTPolicy
 from qt.tasks import get_task
 
 TASK = "hopper-medium-v2"

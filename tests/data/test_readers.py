@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from qt.data import readers
+from qt.data.readers import read_d4rl_hdf5, read_minari, read_task, split_d4rl, trajectory_ends
 from qt.datagen import writers
 from qt.datagen.generated import GeneratedDataset
-from qt.data.readers import read_d4rl_hdf5, read_minari, read_task, split_d4rl, trajectory_ends
 
 
 def _reference_split(arrays: dict) -> list[dict]:
