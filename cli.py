@@ -14,6 +14,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from qt.callbacks.evaluation import Evaluation
 from qt.data.datamodule import QTDataModule
 from qt.module import QTModule
 from qt.runtime import keep_freed_memory
@@ -65,6 +66,9 @@ class MLflowConfig(SaveConfigCallback):
 
 class QTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        # The Evaluation callback is always there and set on its own (`evaluation:` in a config,
+        # `--evaluation.num_eval_episodes 5`), so a config changes one number, not the list.
+        parser.add_lightning_class_args(Evaluation, "evaluation")
         parser.link_arguments("data.K", "model.K", apply_on="parse")
         # One iteration (epoch) is num_steps_per_iter training steps.
         parser.link_arguments(
