@@ -129,8 +129,32 @@ def test_every_function_and_test_a_document_names_exists(doc):
     assert not missing, f"{doc.name} names what does not exist: {missing}"
 
 
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
-def test_relative_links_resolve(doc):
-    links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text())
-    missing = [link for link in links if not (doc.parent / link).exists()]
-    assert not missing, f"{doc.name} links to missing files: {missing}"
+def test_relative_links_and_their_anchors_resolve(doc):
+    missing = []
+    for target, anchor in re.findall(r"\]\(([^)#:]*)(?:#([^)]*))?\)", doc.read_text()):
+        path = doc.parent / target if target else doc
+        if not path.exists():
+            missing.append(target)
+        elif anchor and path.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", path.read_text(), re.MULTILINE)
+            if anchor not in {_slug(h) for h in headings}:
+                missing.append(f"{target}#{anchor}")
+    assert not missing, f"{doc.name} links to what does not exist: {missing}"
+
+
+def test_each_explanatory_document_has_its_diagram():
+    for name in ("data", "training", "acting", "datagen"):
+        text = (ROOT / "docs" / f"{name}.md").read_text()
+        assert text.count("```mermaid") == 1, name
+
+
+def test_the_readme_links_to_the_documents():
+    readme = (ROOT / "README.md").read_text()
+    for name in ("algorithm", "data", "training", "acting", "datagen"):
+        assert f"docs/{name}.md" in readme, name
