@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
 from qt.callbacks.console import quiet
+from qt.callbacks.evaluation import Evaluation
 from qt.checkpointing import CheckpointError, load_checkpoint
 from qt.data.datamodule import QTDataModule
 from qt.errors import UserError, report
@@ -68,6 +69,9 @@ class MLflowConfig(SaveConfigCallback):
 
 class QTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        # The Evaluation callback is always there and set on its own (`evaluation:` in a config,
+        # `--evaluation.num_eval_episodes 5`), so a config changes one number, not the list.
+        parser.add_lightning_class_args(Evaluation, "evaluation")
         parser.link_arguments("data.K", "model.K", apply_on="parse")
         # One iteration (epoch) is num_steps_per_iter training steps.
         parser.link_arguments(

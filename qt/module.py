@@ -1,6 +1,6 @@
 """QTModule: the actor, the twin critic, their target copies, the losses and the optimisers.
 
-One training step is a critic update followed by an actor update (QT_SPEC §3), written with
+One training step is a critic update followed by an actor update (docs/algorithm.md §3), written with
 Lightning's manual optimisation. The target networks are moved by the `TargetNetworks`
 callback after each step; environments never appear here (see `qt.callbacks.evaluation`).
 """
@@ -40,10 +40,10 @@ class QTModule(L.LightningModule):
             every iteration.
         grad_norm: clip both networks' gradient norms to this when > 0.
         discount: gamma of the critic's targets.
-        k_rewards, use_discount, max_q_backup: the critic-target variant (QT_SPEC §3).
+        k_rewards, use_discount, max_q_backup: the critic-target variant (docs/algorithm.md §3.1).
         ema_dropout: keep the EMA actor's dropout active when it proposes next actions, as the
             reference does.
-        rtg_no_q, infer_no_q, num_candidates: acting options (QT_SPEC §4), stored here so a
+        rtg_no_q, infer_no_q, num_candidates: acting options (docs/algorithm.md §4), stored here so a
             checkpoint acts as it was trained to.
     """
 

@@ -1,7 +1,7 @@
 """Evaluation in the environment: the one place where the model and the environments meet.
 
 Every `eval_every_n_epochs` iterations (and once in `cli.py test`) the callback runs
-`num_eval_episodes` seeded episodes with Q-guided acting (QT_SPEC §4, §5). Under DDP the
+`num_eval_episodes` seeded episodes with Q-guided acting (docs/algorithm.md §4, §5). Under DDP the
 episodes are divided between ranks (episode i runs on rank i % world_size, exactly once) and
 their returns and lengths are gathered with torchmetrics before anything is logged.
 """
@@ -91,7 +91,7 @@ class Evaluation(L.Callback):
     """Runs evaluation episodes at the end of training iterations and in `test`.
 
     Args:
-        num_eval_episodes: episodes per evaluation during training (QT_SPEC §5: 10).
+        num_eval_episodes: episodes per evaluation during training (docs/algorithm.md §5: 10).
         test_episodes: episodes in `cli.py test` (10 by default; 100 for final numbers).
         eval_every_n_epochs: evaluate after every n-th iteration.
         num_envs: environments stepped at once per rank (default: all of the rank's episodes).
@@ -228,7 +228,7 @@ class Evaluation(L.Callback):
         targets = hp.env_targets or get_task(self._task_name(trainer)).env_targets
         return QTPolicy(
             pl_module.actor,
-            pl_module.critic_target,  # the target critic scores actions (QT_SPEC §4)
+            pl_module.critic_target,  # the target critic scores actions (docs/algorithm.md §4)
             state_mean=pl_module.state_mean,
             state_std=pl_module.state_std,
             scale=hp.scale,

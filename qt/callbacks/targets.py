@@ -1,4 +1,4 @@
-"""Target networks: the EMA actor and the Polyak-averaged critic (QT_SPEC §3, end).
+"""Target networks: the EMA actor and the Polyak-averaged critic (docs/algorithm.md §3.4).
 
 The callback keeps its own count of completed training steps: in manual optimisation
 `trainer.global_step` counts optimizer steps (two per batch here), and the EMA schedule is

@@ -25,7 +25,7 @@ from qt.tasks import get_task
 
 
 class QTDataModule(L.LightningDataModule):
-    """Segments of `task`'s dataset for QT training (QT_SPEC §1).
+    """Segments of `task`'s dataset for QT training (docs/algorithm.md §1).
 
     Args:
         task: D4RL dataset name from the registry, e.g. `hopper-medium-v2`.

@@ -1,7 +1,7 @@
 """Dataset readers: D4RL hdf5 (h5py), Minari (local store) and the legacy `d4rl` package.
 
 Each reader returns `Trajectories`: the kept trajectories of a dataset concatenated into flat
-arrays with episode offsets, split exactly as QT_SPEC §1 (and the authors' conversion script)
+arrays with episode offsets, split exactly as docs/algorithm.md §1 (and the authors' conversion script)
 say. Nothing here needs `gym`, `mujoco-py` or `d4rl` except `read_d4rl_package`, which imports
 them lazily and explains what is missing when they cannot be imported.
 """

@@ -1,4 +1,4 @@
-"""Segments of length K from a TrajectoryStore (QT_SPEC §1), drawn and gathered in one go.
+"""Segments of length K from a TrajectoryStore (docs/algorithm.md §1), drawn and gathered in one go.
 
 `draw_starts` is the random part (which trajectory, which start); `gather_segments` is the
 deterministic part (the window at given (trajectory, start) pairs, padded and normalised).
@@ -59,7 +59,7 @@ def gather_segments(
     K: int,
     max_ep_len: int,
 ) -> Segments:
-    """The windows starting at `starts` in trajectories `trajs`, left-padded to K (QT_SPEC §1).
+    """The windows starting at `starts` in trajectories `trajs`, left-padded to K (docs/algorithm.md §1).
 
     Each window takes T = min(K, len - start) steps; returns-to-go take T+1 values, the last
     being 0 when the window reaches the trajectory's end; timesteps are clipped to

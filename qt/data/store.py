@@ -1,6 +1,6 @@
 """TrajectoryStore: a dataset prepared for sampling, in flat contiguous arrays.
 
-Everything the sampler reads is computed once here (QT_SPEC §1): tuned rewards, per-step
+Everything the sampler reads is computed once here (docs/algorithm.md §1): tuned rewards, per-step
 returns-to-go, normalised states, and the trajectories that may be sampled (`pct_traj`) with
 their length-proportional probabilities. Each per-step array has one extra row at the end, the
 padding value, so a window's left padding is a gather of that row.
@@ -17,7 +17,7 @@ REWARD_TUNES = ("cql_antmaze",)
 
 
 def tune_rewards(rewards: np.ndarray, reward_tune: str | None) -> np.ndarray:
-    """QT_SPEC §1: `cql_antmaze` maps r to (r - 0.5) * 4 (in float32, as the reference)."""
+    """docs/algorithm.md §1: `cql_antmaze` maps r to (r - 0.5) * 4 (in float32, as the reference)."""
     if reward_tune is None:
         return rewards
     if reward_tune == "cql_antmaze":

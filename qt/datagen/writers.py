@@ -42,7 +42,7 @@ def episode_bounds(terminals: np.ndarray, timeouts: np.ndarray) -> list[tuple[in
     """[start, end) of each episode: one ends at every step flagged terminal or timeout.
 
     Steps after the last flagged one form a trailing episode too (the writer keeps every
-    step; readers drop unfinished trailing episodes as QT_SPEC §1 says).
+    step; readers drop unfinished trailing episodes as docs/algorithm.md §1 says).
     """
     ends = np.flatnonzero(np.asarray(terminals, bool) | np.asarray(timeouts, bool)) + 1
     n = len(terminals)

@@ -159,7 +159,9 @@ def test_hdf5_lookup_by_name_and_extra_keys(tmp_path, monkeypatch):
 
 def test_missing_files_and_sources_are_explained(tmp_path, monkeypatch):
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"hopper_medium-v2\.hdf5.*qt\.datagen"):
+    with pytest.raises(
+        FileNotFoundError, match=r"hopper_medium-v2\.hdf5.*python -m qt\.datagen hopper-medium-v2"
+    ):
         read_task("hopper-medium-v2")
     (tmp_path / "hopper_medium-v2.hdf5").write_text("not hdf5")
     with pytest.raises(ValueError, match="is not a readable hdf5 file"):
