@@ -48,10 +48,17 @@ class MetricsProbe(L.Callback):
         }
         self.steps.append(values)
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    # An epoch's metrics are read once every callback has run its epoch end (the evaluation
+    # callback may come after this one): at the next epoch's start, and at the end of training.
+    def _epoch_done(self, trainer) -> None:
         self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch > len(self.epochs):
+            self._epoch_done(trainer)
+
     def on_train_end(self, trainer, pl_module) -> None:
+        self._epoch_done(trainer)
         torch.save({"epochs": self.epochs, "steps": self.steps},
                    Path(os.environ["QT_PROBE_DIR"]) / "metrics.pt")  # fmt: skip
 
