@@ -20,6 +20,7 @@ from qt.checkpointing import load_checkpoint
 from qt.datagen.maze2d import generate
 from qt.datagen.writers import write_d4rl_hdf5
 from qt.envs import make_env
+from qt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -94,6 +95,6 @@ def test_test_and_validate_act_with_the_checkpoint(fitted, capsys):
 
 def test_bad_episode_count_is_one_sentence(fitted):
     root, data, last = fitted
-    with pytest.raises(SystemExit, match=r"--episodes 0: expected a whole number >= 1"):
+    with pytest.raises(UserError, match=r"--episodes 0: expected a whole number >= 1"):
         _run(root, ["test", "--config", TINY, "--data.path", str(data), "--data.task", TASK,
                     "--ckpt_path", str(last), "--episodes", "0"])  # fmt: skip
