@@ -4,6 +4,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# torch is installed first, so that qt's dependencies pull no other build. Which build pip
+# picks depends on where it looks: a wheel in pip's find-links (a machine that keeps the CPU
+# wheel 2.13.0+cpu on disk) wins; from PyPI, Linux x86_64 torch==2.13.0 is the CUDA build,
+# which pulls the nvidia-* CUDA wheels (GBs) and runs on CPU-only machines too. For the CPU
+# build from the network: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu (or the
+# .../whl/cuXYZ index of the CUDA you want; see pytorch.org). TORCH is the requirement.
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 export MPLBACKEND ?= Agg
 
 .PHONY: help setup demo test test-all data study report bench lint format ui clean
@@ -14,8 +22,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU build on this machine's disk, never a CUDA download
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -30,7 +37,7 @@ test: setup  ## the fast test suite (what CI runs)
 test-all: setup  ## every test this machine can run, slow ones included
 	$(BIN)/python -m pytest -q -m "not gpu or gpu"
 
-data: setup  ## generate the maze2d-umaze dataset at D4RL's size (1M steps)
+data: setup  ## generate the maze2d-umaze dataset at D4RL's size (1M steps; Minari + hdf5 in ./data; kept when there)
 	$(BIN)/python -m qt.datagen maze2d-umaze-v1
 
 study: setup  ## run or resume a study: make study STUDY=configs/studies/maze2d-umaze-cpu.yaml
@@ -55,8 +62,10 @@ format: setup  ## ruff format in place
 ui: setup  ## serve the MLflow UI for runs/ (or $MLFLOW_TRACKING_URI's store) on 127.0.0.1
 	@case "$${MLFLOW_TRACKING_URI:-}" in \
 	  http*) echo "Runs are on the tracking server $$MLFLOW_TRACKING_URI: open it in a browser." ;; \
-	  *) $(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/runs/mlflow.db}" \
+	  sqlite:///*|"") $(BIN)/python -m qt.ui "$$(u=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/runs/mlflow.db}; echo $${u#sqlite:///})" $${PORT:-5000}; \
+	     $(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/runs/mlflow.db}" \
 	       --host 127.0.0.1 --port $${PORT:-5000} ;; \
+	  *) $(BIN)/mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port $${PORT:-5000} ;; \
 	esac
 
 clean:  ## remove run outputs (keeps .venv and data)

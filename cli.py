@@ -14,7 +14,11 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from qt.callbacks.console import quiet
+from qt.callbacks.evaluation import Evaluation
+from qt.checkpointing import CheckpointError, load_checkpoint
 from qt.data.datamodule import QTDataModule
+from qt.errors import UserError, report
 from qt.module import QTModule
 from qt.runtime import keep_freed_memory
 
@@ -65,6 +69,9 @@ class MLflowConfig(SaveConfigCallback):
 
 class QTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        # The Evaluation callback is always there and set on its own (`evaluation:` in a config,
+        # `--evaluation.num_eval_episodes 5`), so a config changes one number, not the list.
+        parser.add_lightning_class_args(Evaluation, "evaluation")
         parser.link_arguments("data.K", "model.K", apply_on="parse")
         # One iteration (epoch) is num_steps_per_iter training steps.
         parser.link_arguments(
@@ -104,19 +111,30 @@ class QTCLI(LightningCLI):
         ckpt = config.get("ckpt_path")
         if self.subcommand == "fit" and isinstance(ckpt, str) and _is_run_ref(ckpt):
             config["ckpt_path"] = _resume(init_args, ckpt, named)
+            _check_checkpoint(config["ckpt_path"], config, self.subcommand)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters here, with torch.load: check the
+        # file first (readable, a qt model of this task), so a bad one stops in one sentence.
+        sub = self.config.get("subcommand")
+        if sub:
+            ckpt = self.config[sub].get("ckpt_path")
+            if isinstance(ckpt, str) and not _is_run_ref(ckpt) and ckpt not in LIGHTNING_CKPT:
+                _check_checkpoint(ckpt, self.config[sub], sub)
+        super()._parse_ckpt_path()
 
     def _set_test_episodes(self) -> None:
         episodes = self.config[self.subcommand].get("episodes")
         if episodes is None:
             return
         if episodes < 1:
-            raise SystemExit(f"error: --episodes {episodes}: expected a whole number >= 1.")
+            raise UserError(f"--episodes {episodes}: expected a whole number >= 1.")
         from qt.callbacks.evaluation import Evaluation
 
         found = [cb for cb in self.trainer.callbacks if isinstance(cb, Evaluation)]
         if not found:
-            raise SystemExit(
-                "error: --episodes: the config has no qt.callbacks.evaluation.Evaluation callback "
+            raise UserError(
+                "--episodes: the config has no qt.callbacks.evaluation.Evaluation callback "
                 "in trainer.callbacks to run them."
             )
         for cb in found:
@@ -133,6 +151,36 @@ def _as_dict(tree) -> dict:
     if tree is None:
         return {}
     return dict(tree.as_dict() if hasattr(tree, "as_dict") else tree)
+
+
+LIGHTNING_CKPT = ("best", "last", "hpc", "registry")  # names Lightning resolves itself
+
+
+def _check_checkpoint(path: str, config, subcommand: str) -> None:
+    """Stop with one sentence naming `path` unless it is a readable qt checkpoint whose model
+    has the task's state and action sizes (and, to resume a fit, was trained on the task)."""
+    from qt.tasks import get_task
+
+    ckpt = load_checkpoint(path)  # CheckpointError naming the file when it cannot be read
+    hp = ckpt.get("hyper_parameters") or {}
+    if "state_dim" not in hp or "act_dim" not in hp or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"Checkpoint {path} holds no qt model (no state_dim/act_dim hyperparameters): "
+            "expected a checkpoint written by `cli.py fit`."
+        )
+    task = get_task(config["data"]["task"])
+    if (hp["state_dim"], hp["act_dim"]) != (task.state_dim, task.act_dim):
+        raise CheckpointError(
+            f"Checkpoint {path} is of a model with states of size {hp['state_dim']} and actions "
+            f"of size {hp['act_dim']}, but task {task.name!r} (data.task) has {task.state_dim} "
+            f"and {task.act_dim}: expected a checkpoint of this task."
+        )
+    trained_on = (ckpt.get("QTDataModule") or {}).get("task")
+    if subcommand == "fit" and trained_on is not None and trained_on != task.name:
+        raise CheckpointError(
+            f"Checkpoint {path} was trained on task {trained_on!r}, but data.task is "
+            f"{task.name!r}: expected a checkpoint of the same task to resume."
+        )
 
 
 def _is_run_ref(ckpt: str) -> bool:
@@ -168,19 +216,19 @@ def _resume(init_args, ckpt: str, named: bool) -> str:
         try:
             run = client.get_run(run_id)
         except mlflow.exceptions.MlflowException:
-            raise SystemExit(
-                f"error: --ckpt_path {ckpt}: no run {run_id!r} in {uri}: expected the id of an "
+            raise UserError(
+                f"--ckpt_path {ckpt}: no run {run_id!r} in {uri}: expected the id of an "
                 "earlier fit's MLflow run (the runs table of `make ui`, or the fit's last lines)."
             ) from None
         theirs = run.data.tags.get(IDENTITY_TAG)
         if theirs != identity:
-            raise SystemExit(
-                f"error: --ckpt_path {ckpt}: that run is {theirs or 'not a qt fit'}, this config "
+            raise UserError(
+                f"--ckpt_path {ckpt}: that run is {theirs or 'not a qt fit'}, this config "
                 f"is {identity}: expected a run of the same task, variant and seed."
             )
         if not last_of(run).is_file():
-            raise SystemExit(
-                f"error: --ckpt_path {ckpt}: the run left no {last_of(run)}: expected the "
+            raise UserError(
+                f"--ckpt_path {ckpt}: the run left no {last_of(run)}: expected the "
                 "last.ckpt of a fit that ran at least one iteration."
             )
         init_args["run_id"] = run.info.run_id
@@ -198,8 +246,8 @@ def _resume(init_args, ckpt: str, named: bool) -> str:
             init_args["run_id"] = run.info.run_id
             return str(last_of(run))
     which = f"named {name!r} and " if named else ""
-    raise SystemExit(
-        f"error: --ckpt_path last: no run {which}of this configuration ({identity}) in "
+    raise UserError(
+        f"--ckpt_path last: no run {which}of this configuration ({identity}) in "
         f"experiment {experiment!r} of {uri} left a last.ckpt under {save_dir}: expected an "
         "earlier fit of the same task, variant and seed (or name a run: --ckpt_path run:<run_id>)."
     )
@@ -208,6 +256,7 @@ def _resume(init_args, ckpt: str, named: bool) -> str:
 def main(args: list[str] | None = None, run: bool = True) -> QTCLI:
     """Build the CLI; `run=False` parses and instantiates without running a subcommand."""
     keep_freed_memory()
+    quiet()
     return QTCLI(
         QTModule,
         QTDataModule,
@@ -225,16 +274,19 @@ def main(args: list[str] | None = None, run: bool = True) -> QTCLI:
     )
 
 
-if __name__ == "__main__":
+def run(args: list[str] | None = None) -> int:
+    """`python cli.py ...`: the exit status; a user's bad input is one line, status 2."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from qt.checkpointing import CheckpointError
-
     try:
-        main()
+        main(args)
     except SIGTERMException:  # the checkpoint is written (qt.checkpointing.SaveOnSigterm)
         print("Stopped by SIGTERM; resume with --ckpt_path last.", file=sys.stderr)
-        sys.exit(143)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 143
+    except UserError as err:  # QT_TRACEBACK=1 shows where it came from
+        return report(err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

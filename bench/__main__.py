@@ -1,8 +1,9 @@
 """`python -m bench [NAME ...] [--option ...]`: run the benchmarks (all by default), each printing
 its own table; options after the names go to each benchmark.
 
-Each benchmark is a module `bench/<name>.py` with a `main()`; figures are ratios measured
-side by side in one run.
+Each benchmark is a module `bench/<name>.py` with a `main()`; every figure is set against
+something the same run measures: a baseline it runs side by side (the sampler's per-sample
+loop, acting one episode at a time) or this machine's peak matmul rate at the same shapes.
 """
 
 import importlib

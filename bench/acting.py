@@ -1,12 +1,17 @@
-"""Acting throughput: environment steps per second of Q-guided acting (QT_SPEC §4, 50
+"""Acting throughput: environment steps per second of Q-guided acting (docs/algorithm.md §4, 50
 candidates) for 10 hopper episodes at once against the same 10 episodes one after another with
 batch 1, side by side in one run, at the CPU size (d=128, 3 layers) and the published size
 (d=256, 4 layers, 4 heads); with the older timesteps run once per distinct return-to-go history
-(`share_prefix`, the default) and once per candidate (as the reference does), in float32, and
+(`share_prefix`, the default) and once per candidate (one full window each), in float32, and
 shared under bf16 autocast.
 
-The authors' code, one episode at a time on this project's 2-core machine, took 54 ms per
-environment step at the CPU size and 0.15 s at the published size (figures from the issue).
+Each row also gives the floating-point rate achieved against this machine's peak, both measured
+in this run. The FLOPs of one environment step (actor and critic matmuls and attention) do not
+depend on the step, since windows are always padded to K: they are counted by
+`torch.utils.flop_counter` on one batched `act` and checked against a count by hand
+(`bench._common.act_flops`) and one from the matmul shapes. The peak is this machine's rate at
+the matmul shapes and dtypes of one `act` (for one episode, and for all acting together), each
+shape timed alone at its fastest in this run (`bench._common.peak_rate`).
 Episodes are capped at `--max-steps` (default 100) so the benchmark takes minutes; the
 network is untrained (acting cost does not depend on the weights).
 """
@@ -17,17 +22,19 @@ import argparse
 import time
 from functools import partial
 
+import numpy as np
 import torch
 
-from bench._common import table
-from qt.envs import make_env
+from bench._common import act_flops, counted_flops, gflops, peak_rate, shape_flops, table
 from qt.acting.episodes import run_episodes
-from qt.models import QTActor, TwinCritic
 from qt.acting.policy import QTPolicy
+from qt.envs import make_env
+from qt.models import QTActor, TwinCritic
 from qt.runtime import keep_freed_memory
 from qt.tasks import get_task
 
-AUTHORS_MS = {"cpu": 54.0, "published": 150.0}
+TASK = "hopper-medium-v2"
+K, N = 20, 50
 SIZES = {
     "cpu": dict(hidden_size=128, n_layer=3, n_head=4),
     "published": dict(hidden_size=256, n_layer=4, n_head=4),
@@ -35,18 +42,18 @@ SIZES = {
 
 
 def _policy(size: str, max_steps: int, precision: str, share_prefix: bool = True) -> QTPolicy:
-    task = get_task("hopper-medium-v2")
+    task = get_task(TASK)
     cfg = SIZES[size]
     torch.manual_seed(0)
     actor = QTActor(
-        task.state_dim, task.act_dim, cfg["hidden_size"], cfg["n_layer"], cfg["n_head"], K=20,
+        task.state_dim, task.act_dim, cfg["hidden_size"], cfg["n_layer"], cfg["n_head"], K=K,
         max_ep_len=1000, dropout=0.1, sar=False, scale=task.scale,
     ).eval()  # fmt: skip
-    critic = TwinCritic(task.state_dim, task.act_dim, 256)
+    critic = TwinCritic(task.state_dim, task.act_dim, cfg["hidden_size"])  # QT's critic width
     policy = QTPolicy(
         actor, critic, state_mean=[0.0] * task.state_dim, state_std=[1.0] * task.state_dim,
-        scale=task.scale, env_targets=task.env_targets, K=20, max_ep_len=max_steps,
-        share_prefix=share_prefix,
+        scale=task.scale, env_targets=task.env_targets, K=K, max_ep_len=max_steps,
+        num_candidates=N, share_prefix=share_prefix,
     )  # fmt: skip
     if precision == "bf16":
         act = policy.act
@@ -63,11 +70,37 @@ def ms_per_env_step(
     size: str, episodes: int, num_envs: int, max_steps: int, precision: str, share: bool = True
 ) -> float:
     policy = _policy(size, max_steps, precision, share)
-    env_fn = partial(make_env, "hopper-medium-v2")
+    env_fn = partial(make_env, TASK)
     run_episodes(policy, env_fn, [999], num_envs=1)  # warm-up
     t0 = time.perf_counter()
     stats = run_episodes(policy, env_fn, list(range(episodes)), num_envs=num_envs)
     return 1e3 * (time.perf_counter() - t0) / stats.steps
+
+
+def flops_per_env_step(size: str, episodes: int, share: bool, precision: str = "fp32"):
+    """FLOPs of one environment step of one episode, counted by torch on one `act` for
+    `episodes` episodes and checked against the counts by hand and from the matmul shapes; and
+    the shapes of that `act` (to measure the peak at)."""
+    task, cfg = get_task(TASK), SIZES[size]
+    policy = _policy(size, 10, precision, share)
+    envs = [make_env(TASK) for _ in range(episodes)]
+    try:
+        obs = [env.reset(seed=i)[0] for i, env in enumerate(envs)]
+    finally:
+        for env in envs:
+            env.close()
+    policy.reset(np.stack(obs), list(range(episodes)))
+    counted, shapes, _ = counted_flops(policy.act)
+    groups = len(task.env_targets) + N % len(task.env_targets)  # target histories, noise ones
+    by_hand = act_flops(episodes, N, groups, K, task.state_dim, task.act_dim,
+                        cfg["hidden_size"], cfg["n_layer"], shared=share)  # fmt: skip
+    for name, other in (("by hand", by_hand), ("from the matmul shapes", shape_flops(shapes))):
+        if abs(counted - other) > 1e-3 * counted:
+            raise SystemExit(
+                f"acting {size}, shared={share}: FlopCounterMode counts {counted} FLOPs per act "
+                f"of {episodes} episodes, the count {name} {other}: expected them to agree."
+            )
+    return counted // episodes, shapes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,21 +109,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=10)
     args, _ = parser.parse_known_args(argv if argv is not None else [])
     keep_freed_memory()
+    E = args.episodes
     rows = []
     for size in ("cpu", "published"):
         for precision, share in (("fp32", False), ("fp32", True), ("bf16", True)):
-            one = ms_per_env_step(size, args.episodes, 1, args.max_steps, precision, share)
-            many = ms_per_env_step(
-                size, args.episodes, args.episodes, args.max_steps, precision, share
-            )
-            ref = AUTHORS_MS[size]
+            flops, _ = flops_per_env_step(size, E, share)
+            # the peak at the shapes one `act` runs, for one episode and for E at once
+            peak_one = peak_rate(flops_per_env_step(size, 1, share, precision)[1])
+            peak_many = peak_rate(flops_per_env_step(size, E, share, precision)[1])
+            one = ms_per_env_step(size, E, 1, args.max_steps, precision, share)
+            many = ms_per_env_step(size, E, E, args.max_steps, precision, share)
+            rate_one, rate_many = flops / (one / 1e3), flops / (many / 1e3)
             mode = f"{precision}, {'shared prefixes' if share else 'one window per candidate'}"
-            rows.append((size, mode, f"{one:.1f}", f"{many:.1f}", f"{one / many:.1f}x",
-                         f"{ref / one:.1f}x", f"{ref / many:.1f}x"))  # fmt: skip
-    print(f"hopper, 50 candidates, K=20, {args.episodes} episodes of <= {args.max_steps} steps; "
-          f"torch threads {torch.get_num_threads()}")  # fmt: skip
-    print(table(rows, ("size", "mode", "ms/step batch 1", f"ms/step {args.episodes} at once",
-                       "batching gain", "vs authors (batch 1)", "vs authors (batched)")))  # fmt: skip
+            rows.append((size, mode, f"{flops / 1e6:.0f}", f"{one:.1f}", f"{many:.1f}",
+                         f"{one / many:.1f}x", f"{gflops(rate_one)} / {gflops(rate_many)}",
+                         f"{gflops(peak_one)} / {gflops(peak_many)}",
+                         f"{100 * rate_one / peak_one:.0f}% / "
+                         f"{100 * rate_many / peak_many:.0f}%"))  # fmt: skip
+    print(f"hopper, {N} candidates, K={K}, {E} episodes of <= {args.max_steps} steps; torch "
+          f"threads {torch.get_num_threads()}. MFLOP per environment step: counted by torch's "
+          "FlopCounterMode, by hand and from the shapes (equal to 0.1%). Peak: the matmul shapes "
+          f"of one act, each timed alone at its fastest in this run; batch 1 / {E} at once.")  # fmt: skip
+    print(table(rows, ("size", "mode", "MFLOP/step", "ms/step batch 1", f"ms/step {E} at once",
+                       "batching gain", "GFLOP/s", "peak GFLOP/s", "of peak")))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """Training steps per second of QTModule in a Lightning fit (critic step, actor step, target
-networks, logging), the batch drawn from the sampler inside the timed loop.
+networks, logging), the batch drawn from the sampler inside the timed loop, and the
+floating-point rate that achieves against this machine's peak, both measured in this run.
 
 Sizes: the published one (B=256, K=20, d=256, 4 layers, 4 heads) and a CPU one (B=64, K=20,
-d=128, 3 layers, 4 heads), hopper's state and action sizes. The authors' code took about 5.3 s
-per step at the published size and 0.49 s at the CPU size on this project's 2-core CPU machine
-(figures from the issue, measured on that machine); the ratio column compares with those.
-`python -m bench train_step [--steps N]`; set QT_BENCH_DEVICE=cuda (and QT_BENCH_PRECISION=bf16-mixed)
-on a GPU machine.
+d=128, 3 layers, 4 heads), hopper's state and action sizes. The FLOPs of one step (the matmuls
+and attention of every forward and backward: critic, EMA actor, target critic, actor, the Q
+term) are counted by `torch.utils.flop_counter` on a one-step fit and checked against a count
+by hand (`bench._common.train_step_flops`) and one from the matmul shapes the step ran. The peak
+is this machine's rate at those same shapes and dtypes: the step's matmul FLOPs over the time
+its matmuls take when each distinct shape runs alone at its fastest, measured in this run with
+the same threads (`bench._common.peak_rate`).
+`python -m bench train_step [--steps N]`; set QT_BENCH_DEVICE=cuda (and
+QT_BENCH_PRECISION=bf16-mixed) on a GPU machine.
 """
 
 from __future__ import annotations
@@ -20,13 +25,21 @@ import lightning as L
 import numpy as np
 import torch
 
-from bench._common import synthetic_store, table
+from bench._common import (
+    counted_flops,
+    gflops,
+    peak_rate,
+    shape_flops,
+    synthetic_store,
+    table,
+    train_step_flops,
+)
 from qt.callbacks.targets import TargetNetworks
 from qt.data.sampler import SegmentStream, StreamLoader
 from qt.module import QTModule
 from qt.runtime import keep_freed_memory
 
-AUTHORS_SECONDS = {"published": 5.3, "cpu": 0.49}  # per step, this machine, reference code
+K = 20
 SIZES = {
     "published": dict(batch_size=256, hidden_size=256, n_layer=4, n_head=4),
     "cpu": dict(batch_size=64, hidden_size=128, n_layer=3, n_head=4),
@@ -43,10 +56,9 @@ class _StepClock(L.Callback):
         self.stamps.append(time.perf_counter())
 
 
-def seconds_per_step(size: str, steps: int, device: str, precision: str) -> float:
+def _fit(size: str, steps: int, device: str, precision: str, callbacks: list) -> QTModule:
     cfg = SIZES[size]
     store = synthetic_store("hopper-medium-v2", trajectories=300)
-    K = 20
     stream = SegmentStream(
         store, K=K, batch_size=cfg["batch_size"], max_ep_len=1000, seed=0, full_windows_only=True
     )
@@ -57,20 +69,43 @@ def seconds_per_step(size: str, steps: int, device: str, precision: str) -> floa
         hidden_size=cfg["hidden_size"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
         eta=1.0, grad_norm=9.0, max_iters=500, k_rewards=True, use_discount=True,
     )  # fmt: skip
-    clock = _StepClock()
     # EMA from the first step, so its cost (every 5th step) is in the figure
     targets = TargetNetworks(step_start_ema=0, update_ema_every=5)
     trainer = L.Trainer(
         accelerator=device, devices=1, precision=precision, max_steps=-1,
-        limit_train_batches=steps + 2, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[clock, targets],
+        limit_train_batches=steps, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, targets],
         log_every_n_steps=50,
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, train_dataloaders=loader)
+    return model
+
+
+def seconds_per_step(size: str, steps: int, device: str, precision: str) -> float:
+    clock = _StepClock()
+    _fit(size, steps + 2, device, precision, [clock])
     gaps = np.diff(clock.stamps)[1:]  # the first two steps warm up
     return float(np.median(gaps))
+
+
+def flops_per_step(size: str, device: str, precision: str) -> tuple[int, list]:
+    """FLOPs of one step counted by torch's FlopCounterMode on a one-step fit, checked against
+    the count by hand and the count from the recorded matmul shapes; and those shapes."""
+    cfg = SIZES[size]
+    counted, shapes, model = counted_flops(lambda: _fit(size, 1, device, precision, []))
+    by_hand = train_step_flops(
+        cfg["batch_size"], K, model.hparams.state_dim, model.hparams.act_dim,
+        cfg["hidden_size"], cfg["n_layer"],
+    )  # fmt: skip
+    for name, other in (("by hand", by_hand), ("from the matmul shapes", shape_flops(shapes))):
+        if abs(counted - other) > 1e-3 * counted:
+            raise SystemExit(
+                f"train_step {size}: FlopCounterMode counts {counted} FLOPs per step, the count "
+                f"{name} {other}: expected them to agree."
+            )
+    return counted, shapes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,15 +117,23 @@ def main(argv: list[str] | None = None) -> None:
     precision = os.environ.get("QT_BENCH_PRECISION", "32-true")
     rows = []
     for size in ("cpu", "published"):
+        cfg = SIZES[size]
         steps = args.steps or (30 if size == "cpu" else 6)
         if device == "cuda":
             steps = args.steps or 100
+        counted, shapes = flops_per_step(size, device, precision)
         sec = seconds_per_step(size, steps, device, precision)
-        ref = AUTHORS_SECONDS[size]
-        speedup = f"{ref / sec:.1f}x" if device == "cpu" else "n/a (GPU)"
-        rows.append((size, str(SIZES[size]), f"{sec * 1e3:.0f}", f"{1 / sec:.2f}", speedup))
-    print(f"device {device}, precision {precision}, torch threads {torch.get_num_threads()}")
-    print(table(rows, ("size", "settings", "ms/step", "steps/s", "vs authors' code")))
+        peak = peak_rate(shapes, device=device)
+        achieved = counted / sec
+        rows.append((size, str(cfg), f"{sec * 1e3:.0f}", f"{1 / sec:.2f}", gflops(counted),
+                     gflops(achieved), len(set(shapes)), gflops(peak),
+                     f"{100 * achieved / peak:.0f}%"))  # fmt: skip
+    print(f"device {device}, precision {precision}, torch threads {torch.get_num_threads()}. "
+          "GFLOP per step: matmuls and attention of every forward and backward, counted by "
+          "torch's FlopCounterMode, by hand and from the shapes (equal to 0.1%). Peak: the step's "
+          "matmul shapes, each timed alone at its fastest in this run.")  # fmt: skip
+    print(table(rows, ("size", "settings", "ms/step", "steps/s", "GFLOP/step", "GFLOP/s",
+                       "matmul shapes", "peak GFLOP/s", "of peak")))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from qt.errors import UserError
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read."""
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint file that cannot be read, or that does not fit the config."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -83,9 +85,14 @@ def load_checkpoint(
         zipfile.BadZipFile,
         ValueError,
     ) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, pickle.UnpicklingError):
+            # torch's text here suggests weights_only=False, which would run the file's code
+            why = "its contents are not plain tensors and containers, or are corrupt"
+        else:
+            text = str(err).strip()
+            why = text.splitlines()[0][:160] if text else type(err).__name__
         raise CheckpointError(
-            f"Checkpoint {path} cannot be read ({first[:200]}): it is truncated, corrupt or not "
+            f"Checkpoint {path} cannot be read ({why}): it is truncated, corrupt or not "
             "a checkpoint; resume from an earlier one."
         ) from None
 

@@ -1,7 +1,7 @@
 """`python -m qt.demo` (`make demo`): QT and its Decision Transformer baseline on maze2d-umaze.
 
 1. Generates the maze2d-umaze dataset by the D4RL protocol (1M steps, under a minute), or
-   reuses it: a Minari dataset in ./data/minari ($MINARI_DATASETS_PATH) and its D4RL hdf5 twin.
+   reuses it: a Minari dataset and its D4RL hdf5 twin in qt's data root ($QT_DATA_DIR, else ./data).
 2. Trains QT (configs/demo.yaml) and the DT baseline (`eta 0`, `rtg_no_q`, `infer_no_q`) side
    by side, one process and one thread each, with `cli.py fit`; both log to MLflow.
 3. Tests each best checkpoint with `cli.py test` and prints a table: the dataset's average
@@ -26,19 +26,18 @@ DT_ARGS = ["--model.eta", "0", "--model.rtg_no_q", "true", "--model.infer_no_q",
 
 
 def _ensure_dataset(steps: int | None) -> Path:
+    from qt.data.paths import hdf5_dir
     from qt.datagen import make
     from qt.tasks import get_task
 
     root = make.default_minari_root()
-    hdf5 = root.resolve().parent / "d4rl" / get_task(TASK).dataset_file
+    hdf5 = (hdf5_dir() / get_task(TASK).dataset_file).resolve()
     if hdf5.exists():
         print(f"[demo] reusing {hdf5}", flush=True)
         return hdf5
     argv = [TASK, "--out", str(root), "--d4rl-hdf5", "--hdf5-out", str(hdf5)]
     if steps is not None:
         argv += ["--steps", str(steps)]
-    if (root / "qt" / TASK).exists():
-        argv.append("--force")  # the Minari copy exists without its hdf5 twin: make both
     print(f"[demo] generating {TASK} by the D4RL protocol into {root} ...", flush=True)
     if make.main(argv) != 0:
         raise SystemExit("[demo] dataset generation failed (see the message above).")

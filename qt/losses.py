@@ -1,4 +1,4 @@
-"""QT's losses and critic targets as pure functions of tensors (QT_SPEC §3).
+"""QT's losses and critic targets as pure functions of tensors (docs/algorithm.md §3).
 
 Owns the maths of one training step; `QTModule.training_step` wires it to the
 networks. Notation: B batch, K window, R repetitions (`max_q_backup`), γ discount.
@@ -164,7 +164,7 @@ def critic_targets(
     k_rewards: bool = True,
     use_discount: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to the target variant QT_SPEC §3 selects.
+    """Dispatch to the target variant of docs/algorithm.md §3.1.
 
     q_next is (B, 1) (at the last step) with k_rewards, else (B, K, 1) (every step).
     Returns (targets (B, K, 1), rewards the actor step must use (B, K, 1)): the

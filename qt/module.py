@@ -1,6 +1,6 @@
 """QTModule: the actor, the twin critic, their target copies, the losses and the optimisers.
 
-One training step is a critic update followed by an actor update (QT_SPEC §3), written with
+One training step is a critic update followed by an actor update (docs/algorithm.md §3), written with
 Lightning's manual optimisation. The target networks are moved by the `TargetNetworks`
 callback after each step; environments never appear here (see `qt.callbacks.evaluation`).
 """
@@ -17,6 +17,7 @@ from torch import nn
 
 from qt import losses
 from qt.data.batch import Segments
+from qt.errors import UserError
 from qt.models import QTActor, TwinCritic
 
 
@@ -39,10 +40,10 @@ class QTModule(L.LightningModule):
             every iteration.
         grad_norm: clip both networks' gradient norms to this when > 0.
         discount: gamma of the critic's targets.
-        k_rewards, use_discount, max_q_backup: the critic-target variant (QT_SPEC §3).
+        k_rewards, use_discount, max_q_backup: the critic-target variant (docs/algorithm.md §3.1).
         ema_dropout: keep the EMA actor's dropout active when it proposes next actions, as the
             reference does.
-        rtg_no_q, infer_no_q, num_candidates: acting options (QT_SPEC §4), stored here so a
+        rtg_no_q, infer_no_q, num_candidates: acting options (docs/algorithm.md §4), stored here so a
             checkpoint acts as it was trained to.
     """
 
@@ -107,7 +108,7 @@ class QTModule(L.LightningModule):
         mean = torch.zeros(state_dim) if state_mean is None else torch.as_tensor(state_mean)
         std = torch.ones(state_dim) if state_std is None else torch.as_tensor(state_std)
         if mean.shape != (state_dim,) or std.shape != (state_dim,):
-            raise ValueError(
+            raise UserError(
                 f"state_mean/state_std have shapes {tuple(mean.shape)}/{tuple(std.shape)}: "
                 f"expected ({state_dim},) each."
             )
@@ -292,16 +293,16 @@ def _check_hparams(**values) -> None:
     for name in positive_ints:
         v = values[name]
         if not isinstance(v, int) or v < 1:
-            raise ValueError(f"model.{name}={v!r}: expected a whole number >= 1.")
+            raise UserError(f"model.{name}={v!r}: expected a whole number >= 1.")
     for name in ("scale", "learning_rate", "critic_lr", "lambda_"):
         if not values[name] > 0:
-            raise ValueError(f"model.{name}={values[name]!r}: expected a number > 0.")
+            raise UserError(f"model.{name}={values[name]!r}: expected a number > 0.")
     if not 0.0 <= values["dropout"] < 1.0:
-        raise ValueError(f"model.dropout={values['dropout']!r}: expected a number in [0, 1).")
+        raise UserError(f"model.dropout={values['dropout']!r}: expected a number in [0, 1).")
     if not 0.0 <= values["discount"] <= 1.0:
-        raise ValueError(f"model.discount={values['discount']!r}: expected a number in [0, 1].")
+        raise UserError(f"model.discount={values['discount']!r}: expected a number in [0, 1].")
     if values["hidden_size"] % values["n_head"]:
-        raise ValueError(
+        raise UserError(
             f"model.hidden_size={values['hidden_size']} is not divisible by "
             f"model.n_head={values['n_head']}."
         )

@@ -1,7 +1,7 @@
 """Task registry: the one place where facts about a D4RL task live.
 
 Each entry is keyed by its D4RL dataset name (`hopper-medium-v2`) and holds the D4RL hdf5 file
-name, state and action sizes, the acting settings of QT_SPEC §6 (`env_targets`, `scale`,
+name, state and action sizes, the acting settings of docs/algorithm.md §6 (`env_targets`, `scale`,
 `max_ep_len`), D4RL's reference scores exactly as `d4rl/infos.py` publishes them, and the
 authors' hyperparameters (`published`) for the datasets the paper trained on. Environment
 factories live in `qt.envs`, which dispatches on `Task.family`.
@@ -12,10 +12,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
+from qt.errors import UserError
+
 
 @dataclass(frozen=True)
 class Published:
-    """The authors' per-task hyperparameters (QT_SPEC §6)."""
+    """The authors' per-task hyperparameters (docs/algorithm.md §6)."""
 
     eta: float
     grad_norm: float
@@ -53,7 +55,7 @@ class Task:
         return 100.0 * (ret - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
 
 
-# Acting settings per family (QT_SPEC §6): env_targets in raw return units, scale, sizes.
+# Acting settings per family (docs/algorithm.md §6): env_targets in raw return units, scale, sizes.
 _FAMILY_FACTS: dict[str, dict] = {
     "hopper": dict(state_dim=11, act_dim=3, env_targets=(3600.0, 1800.0), scale=1000.0),
     "halfcheetah": dict(
@@ -73,7 +75,7 @@ _FAMILY_FACTS: dict[str, dict] = {
     ),
 }
 FAMILIES: tuple[str, ...] = tuple(_FAMILY_FACTS)
-MAX_EP_LEN = 1000  # QT_SPEC §6: the acting horizon is 1000 for every family
+MAX_EP_LEN = 1000  # docs/algorithm.md §6: the acting horizon is 1000 for every family
 
 # D4RL's reference scores (d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE), copied digit for digit.
 # Locomotion -v2 and Adroit -v1 reuse their family's -v0 values there, so one pair per family.
@@ -116,7 +118,7 @@ _ANTMAZE_FILE_STEMS = {  # D4RL's maze names: umaze "u-maze", medium "big-maze",
 
 
 def _published() -> dict[str, Published]:
-    """QT_SPEC §6: the authors' per-task settings, keyed by the dataset name they trained on."""
+    """docs/algorithm.md §6: the authors' per-task settings, keyed by the dataset name they trained on."""
     maze = dict(grad_norm=9, early_epoch=50)
     table = {
         "halfcheetah-medium-v2": Published(eta=5.0, grad_norm=15, max_iters=500, K=5),
@@ -124,7 +126,7 @@ def _published() -> dict[str, Published]:
         "halfcheetah-medium-expert-v2": Published(
             eta=0.4, grad_norm=15, max_iters=10, early_stop=False, num_steps_per_iter=10000
         ),
-        # Hopper's windows are always full in the reference sampler (QT_SPEC §1).
+        # Hopper's windows are always full in the reference sampler (docs/algorithm.md §1).
         "hopper-medium-v2": Published(eta=1.0, grad_norm=9, max_iters=500, full_windows_only=True),
         "hopper-medium-replay-v2": Published(
             eta=3.0, grad_norm=9, max_iters=500, full_windows_only=True
@@ -230,7 +232,7 @@ def get_task(name: str) -> Task:
     except KeyError:
         close = difflib.get_close_matches(str(name), TASKS, n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise UserError(
             f"Unknown task {name!r}: expected a D4RL dataset name such as 'hopper-medium-v2'.{hint}"
         ) from None
 
@@ -243,7 +245,7 @@ def family_of(name: str) -> str:
 def tasks_of_family(family: str) -> list[Task]:
     """All registered tasks of one family, in registry order."""
     if family not in _FAMILY_FACTS:
-        raise ValueError(f"Unknown task family {family!r}: expected one of {', '.join(FAMILIES)}.")
+        raise UserError(f"Unknown task family {family!r}: expected one of {', '.join(FAMILIES)}.")
     return [task for task in TASKS.values() if task.family == family]
 
 

@@ -64,7 +64,7 @@ def test_task_configs_are_generated_from_the_registry():
 
 
 def test_every_published_task_has_a_config():
-    # The tasks of QT_SPEC §6, written out independently of the registry.
+    # The tasks of docs/algorithm.md §6, written out independently of the registry.
     published = [
         "halfcheetah-medium", "halfcheetah-medium-replay", "halfcheetah-medium-expert",
         "hopper-medium", "hopper-medium-replay", "hopper-medium-expert",
@@ -121,3 +121,66 @@ def test_print_config_reruns_to_the_same_result(fake_d4rl_dir, tmp_path, capsys)
     classes = [c["class_path"] for c in resolved["trainer"]["callbacks"]]
     assert "qt.callbacks.targets.TargetNetworks" in classes
     assert resolved["trainer"]["logger"]["class_path"] == "qt.tracking.MLFlowLogger"
+
+
+def _resolved(path: Path, fake_dir: Path):
+    """The CLI's resolved config and instantiated trainer callbacks for one config file."""
+    task = get_task("maze2d-umaze-v1")
+    _write_fake_d4rl(fake_dir / task.dataset_file, task.state_dim, task.act_dim)
+    args = ["--config", str(path), "--trainer.logger", "false", "--data.task", task.name]
+    args += ["--data.path", str(fake_dir / task.dataset_file)]
+    cli = _cli(args)
+    return cli.config.as_dict(), cli.trainer.callbacks
+
+
+@pytest.mark.parametrize(
+    "name, changed",
+    [
+        ("base", {}),
+        # what configs/demo.yaml and configs/tiny.yaml used to state by repeating base.yaml's
+        # whole callback list: only these numbers differ from base.yaml's evaluation
+        ("demo", {"num_eval_episodes": 5}),
+        ("tiny", {"num_eval_episodes": 2, "test_episodes": 2, "max_ep_len": 50}),
+    ],
+)
+def test_configs_state_only_their_evaluation_numbers_and_inherit_the_rest(
+    name, changed, fake_d4rl_dir
+):
+    from qt.callbacks.evaluation import Evaluation
+    from qt.callbacks.targets import TargetNetworks
+
+    path = ROOT / "configs" / f"{name}.yaml"
+    if name != "base":  # the file itself repeats no callback
+        assert "callbacks" not in (yaml.safe_load(path.read_text())["trainer"] or {})
+    config, callbacks = _resolved(path, fake_d4rl_dir)
+    base, _ = _resolved(ROOT / "configs" / "base.yaml", fake_d4rl_dir)
+    # the callback list is base.yaml's, untouched
+    assert config["trainer"]["callbacks"] == base["trainer"]["callbacks"]
+    classes = [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]]
+    assert classes == ["TargetNetworks", "EarlyStopping", "ModelCheckpoint", "ModelCheckpoint",
+                       "MLflowArtifacts", "SaveOnSigterm"]  # fmt: skip
+    # the evaluation is base.yaml's with the stated numbers changed, typed out here
+    published = {"num_eval_episodes": 10, "test_episodes": 10, "eval_every_n_epochs": 1,
+                 "num_envs": None, "seed": 0, "max_ep_len": None, "task": None,
+                 "record_video": False, "video_fps": 30}  # fmt: skip
+    assert config["evaluation"] == {**published, **changed}
+    # and the trainer gets exactly one Evaluation callback with those numbers
+    [evaluation] = [cb for cb in callbacks if isinstance(cb, Evaluation)]
+    for key, value in {**published, **changed}.items():
+        assert getattr(evaluation, key) == value, key
+    [targets] = [cb for cb in callbacks if isinstance(cb, TargetNetworks)]
+    assert (targets.ema_decay, targets.step_start_ema, targets.update_ema_every, targets.tau) == (
+        0.995, 1000, 5, 0.005,
+    )  # fmt: skip
+
+
+def test_evaluation_numbers_are_set_alone_on_the_command_line(fake_d4rl_dir):
+    from qt.callbacks.evaluation import Evaluation
+
+    task = get_task("maze2d-umaze-v1")
+    _write_fake_d4rl(fake_d4rl_dir / task.dataset_file, task.state_dim, task.act_dim)
+    cli = _cli(["--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger", "false",
+                "--data.path", str(fake_d4rl_dir / task.dataset_file),
+                "--evaluation.test_episodes", "7"])  # fmt: skip
+    [evaluation] = [cb for cb in cli.trainer.callbacks if isinstance(cb, Evaluation)]
+    assert (evaluation.num_eval_episodes, evaluation.test_episodes) == (5, 7)

@@ -1,4 +1,4 @@
-"""qt.losses against brute-force loops over samples and positions (QT_SPEC §3)."""
+"""qt.losses against brute-force loops over samples and positions (docs/algorithm.md §3)."""
 
 from __future__ import annotations
 

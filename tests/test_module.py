@@ -1,4 +1,4 @@
-"""QTModule against a step written independently from QT_SPEC §3, and its per-epoch schedules.
+"""QTModule against a step written independently from docs/algorithm.md §3, and its per-epoch schedules.
 
 The reference step below follows the authors' trainer line by line (boolean indexing,
 `F.mse_loss`, the critic's targets as a loop over samples and positions, the actor's loss
@@ -41,7 +41,7 @@ def make_batch(seed: int) -> Segments:
 
 
 def reference_targets(batch, q_next, hp) -> tuple[torch.Tensor, torch.Tensor]:
-    """QT_SPEC §3 step 3, one sample and one position at a time."""
+    """docs/algorithm.md §3.1, one sample and one position at a time."""
     rewards = batch.rewards.clone()
     targets = torch.zeros(B, K, 1)
     if hp["k_rewards"] and hp["use_discount"]:
@@ -262,3 +262,24 @@ def test_critic_width_defaults_to_the_actors_and_can_differ():
     )
     with pytest.raises(ValueError, match=r"model.critic_hidden_size=0"):
         QTModule(critic_hidden_size=0)
+
+
+@pytest.mark.parametrize("ema_dropout", [True, False])
+def test_ema_actor_proposes_next_actions_with_dropout_as_the_reference(ema_dropout):
+    # docs/algorithm.md §7: the authors never switch their EMA copy to eval mode, so its dropout
+    # is active when it proposes a'; `ema_dropout=False` is the switch that turns that off.
+    torch.manual_seed(0)
+    module = QTModule(state_dim=S, act_dim=A, K=K, max_ep_len=K, hidden_size=8, n_layer=1,
+                      n_head=2, dropout=0.5, ema_dropout=ema_dropout)  # fmt: skip
+    modes = []
+    module.ema_actor.register_forward_hook(lambda mod, args, out: modes.append(mod.training))
+    batch = make_batch(0)
+    module._critic_loss(batch)
+    module._critic_loss(batch)
+    assert modes == [ema_dropout, ema_dropout]
+    # with dropout active the proposals differ between two calls on the same batch
+    module.ema_actor.train(ema_dropout)
+    with torch.no_grad():
+        a1, a2 = (module.ema_actor(batch.states, batch.actions, batch.rewards, batch.rtg[:, :-1],
+                                   batch.timesteps, batch.mask).action_preds for _ in range(2))  # fmt: skip
+    assert torch.equal(a1, a2) != ema_dropout

@@ -1,4 +1,4 @@
-"""The task registry against QT_SPEC §6 and D4RL's infos.py, written out independently here."""
+"""The task registry against docs/algorithm.md §6 and D4RL's infos.py, written out independently here."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from qt.tasks import FAMILIES, TASKS, Published, family_of, get_task, tasks_of_family
 
-# QT_SPEC §6 published table, typed out row by row: name -> (eta, grad_norm, max_iters, extra).
+# docs/algorithm.md §6 published table, typed out row by row: name -> (eta, grad_norm, max_iters, extra).
 _PUBLISHED = {
     "halfcheetah-medium-v2": (5.0, 15, 500, {"K": 5}),
     "halfcheetah-medium-replay-v2": (5.0, 15, 500, {"K": 5}),
@@ -124,7 +124,7 @@ def test_reference_scores_and_files_match_d4rl(name: str) -> None:
     assert task.dataset_file == file
 
 
-# QT_SPEC §6 family table plus D4RL's state/action sizes, typed out independently.
+# docs/algorithm.md §6 family table plus D4RL's state/action sizes, typed out independently.
 _FAMILY = {
     "hopper": ((3600, 1800), 1000, 11, 3),
     "halfcheetah": ((12000, 9000, 6000), 1000, 17, 6),

@@ -12,6 +12,7 @@ import pytest
 
 from qt.datagen.maze2d import generate
 from qt.datagen.writers import write_d4rl_hdf5
+from qt.ui import experiment_urls
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +73,10 @@ def test_many_processes_open_a_fresh_store_at_once_and_later_ones_still_can(tmp_
     assert {r.info.run_id for r in runs} == {d.stdout.strip() for d in done + later}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert sorted(r.data.metrics["x"] for r in runs) == [float(i) for i in range(5)]
+    # `make ui` prints the experiment's address in MLflow's model-training view
+    assert experiment_urls(tmp_path / "runs" / "mlflow.db", "http://127.0.0.1:5000") == [
+        f"qt: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}?workflowType=machine_learning"
+    ]
 
 
 # ---------------------------------------------------------------------------- run identity
@@ -125,14 +130,21 @@ def test_last_resumes_the_run_of_the_same_variant_and_leaves_the_other_untouched
     import mlflow
 
     # a DT fit and a QT fit of the same task and seed, side by side in one directory
-    dt, qt = _fit(maze_file, tmp_path, *DT, wait=False), _fit(maze_file, tmp_path, wait=False)
+    # (the DT fit is tagged from the command line, as a study does: its tags are kept)
+    tags = ["--trainer.logger.init_args.tags", '{"study": "s1", "variant": "dt-baseline"}']
+    dt = _fit(maze_file, tmp_path, *DT, *tags, wait=False)
+    qt = _fit(maze_file, tmp_path, wait=False)
     for proc in (dt, qt):
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("qt")
-    runs = {r.data.tags["variant"]: r for r in client.search_runs([exp.experiment_id])}
+    runs = {r.data.tags["qt.variant_id"][:2]: r for r in client.search_runs([exp.experiment_id])}
     assert sorted(runs) == ["dt", "qt"]
+    assert runs["dt"].data.tags["study"] == "s1"
+    assert (
+        runs["dt"].data.tags["variant"] == "dt-baseline" and runs["qt"].data.tags["variant"] == "qt"
+    )
     assert runs["dt"].info.run_name == "maze2d-umaze-v1-dt-seed123"
     assert runs["qt"].info.run_name == "maze2d-umaze-v1-qt-seed123"
     assert (

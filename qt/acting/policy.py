@@ -1,4 +1,4 @@
-"""Q-guided acting (QT_SPEC §4), batched over E environments stepped in lockstep.
+"""Q-guided acting (docs/algorithm.md §4), batched over E environments stepped in lockstep.
 
 Each environment's history lives in preallocated tensors (E, max_ep_len + 1, ...) written in
 place; a step builds the last-K window of every environment, the N candidate return-to-go
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-NOISE_STD = 0.1  # QT_SPEC §4 step 2
+NOISE_STD = 0.1  # docs/algorithm.md §4 step 2
 
 
 def candidate_rtg(
@@ -28,7 +28,7 @@ def candidate_rtg(
     newest_noise: torch.Tensor,
     num_candidates: int,
 ) -> torch.Tensor:
-    """Steps 1-2 of QT_SPEC §4 for one batch of windows.
+    """Steps 1-2 of docs/algorithm.md §4 for one batch of windows.
 
     Args:
         target_rtg: (E, M, K) each target's return-to-go window.
@@ -48,11 +48,11 @@ def candidate_rtg(
 
 
 class QTPolicy:
-    """Acts for E environments at once with an actor and a critic (QT_SPEC §4).
+    """Acts for E environments at once with an actor and a critic (docs/algorithm.md §4).
 
     Args:
         actor: a `QTActor` (its eval mode is the caller's business).
-        critic: the critic that scores actions: the target critic (QT_SPEC §4); `q_min` used.
+        critic: the critic that scores actions: the target critic (docs/algorithm.md §4); `q_min` used.
         state_mean, state_std: (S,) the dataset's state statistics.
         scale: return scale; env_targets: conditioning targets in raw return units.
         K: context length; max_ep_len: longest episode (history size, timestep range).
@@ -157,7 +157,7 @@ class QTPolicy:
 
     # ------------------------------------------------------------------ acting
     def window(self) -> dict[str, torch.Tensor]:
-        """The last-K window of every episode, left-padded with zeros (QT_SPEC §4)."""
+        """The last-K window of every episode, left-padded with zeros (docs/algorithm.md §4)."""
         t, K = self.t, self.K
         L = min(t + 1, K)
         E = self.states.shape[0]
@@ -197,7 +197,7 @@ class QTPolicy:
 
     @torch.no_grad()
     def candidates(self, window: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The (E, N, K) return-to-go windows of QT_SPEC §4 steps 1-3."""
+        """The (E, N, K) return-to-go windows of docs/algorithm.md §4 steps 1-3."""
         return self._candidates(window)[0]
 
     def _candidates(self, window):

@@ -1,7 +1,7 @@
 """Evaluation in the environment: the one place where the model and the environments meet.
 
 Every `eval_every_n_epochs` iterations (and once in `cli.py test`) the callback runs
-`num_eval_episodes` seeded episodes with Q-guided acting (QT_SPEC §4, §5). Under DDP the
+`num_eval_episodes` seeded episodes with Q-guided acting (docs/algorithm.md §4, §5). Under DDP the
 episodes are divided between ranks (episode i runs on rank i % world_size, exactly once) and
 their returns and lengths are gathered with torchmetrics before anything is logged.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,7 +22,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import CatMetric
 
+from qt.callbacks.console import say
 from qt.envs import make_env
+from qt.errors import UserError
 from qt.tasks import get_task
 
 
@@ -88,7 +91,7 @@ class Evaluation(L.Callback):
     """Runs evaluation episodes at the end of training iterations and in `test`.
 
     Args:
-        num_eval_episodes: episodes per evaluation during training (QT_SPEC §5: 10).
+        num_eval_episodes: episodes per evaluation during training (docs/algorithm.md §5: 10).
         test_episodes: episodes in `cli.py test` (10 by default; 100 for final numbers).
         eval_every_n_epochs: evaluate after every n-th iteration.
         num_envs: environments stepped at once per rank (default: all of the rank's episodes).
@@ -119,7 +122,7 @@ class Evaluation(L.Callback):
         for name, v in (("num_eval_episodes", num_eval_episodes), ("test_episodes", test_episodes),
                         ("eval_every_n_epochs", eval_every_n_epochs)):  # fmt: skip
             if v < 1:
-                raise ValueError(f"Evaluation.{name}={v}: expected a whole number >= 1.")
+                raise UserError(f"Evaluation.{name}={v}: expected a whole number >= 1.")
         self.num_eval_episodes = num_eval_episodes
         self.test_episodes = test_episodes
         self.eval_every_n_epochs = eval_every_n_epochs
@@ -131,22 +134,44 @@ class Evaluation(L.Callback):
         if record_video:
             os.environ.setdefault("MUJOCO_GL", "egl")  # read when mujoco is first imported
         self.best: dict[str, float] = {}
+        self.best_iteration = 0
         self.last_summary: EvalSummary | None = None
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Build (and close) one environment of the task before any training step, so that a
+        task whose environment cannot be made here stops now, not after an iteration."""
+        env = make_env(self._task_name(trainer))
+        env.close()
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         if (epoch + 1) % self.eval_every_n_epochs:
             return
         seeds = [self.seed + 100_000 * epoch + i for i in range(self.num_eval_episodes)]
+        of = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        say(trainer, f"iteration {epoch + 1}{of}: evaluating {len(seeds)} episodes ...")
+        start = time.perf_counter()
         summary = self.evaluate(trainer, pl_module, seeds)
         self._video(trainer, pl_module, seeds[0], f"epoch{epoch:04d}")
         metrics = summary.metrics("eval")
+        if metrics["eval/normalized_score"] > self.best.get(
+            "eval/best_normalized_score", -math.inf
+        ):
+            self.best_iteration = epoch + 1
         for key in ("eval/return_mean", "eval/normalized_score"):
             best_key = key.replace("eval/", "eval/best_")
             self.best[best_key] = max(self.best.get(best_key, -math.inf), metrics[key])
         metrics.update(self.best)
         pl_module.log_dict(metrics, on_epoch=True, sync_dist=False, rank_zero_only=False)
+        say(
+            trainer,
+            f"iteration {epoch + 1}{of}: normalized score {metrics['eval/normalized_score']:.2f} "
+            f"(best {self.best['eval/best_normalized_score']:.2f}, iteration "
+            f"{self.best_iteration}), return {metrics['eval/return_mean']:.2f} "
+            f"± {metrics['eval/return_std']:.2f}, length {metrics['eval/length_mean']:.0f}; "
+            f"{len(seeds)} episodes in {time.perf_counter() - start:.1f} s",
+        )
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._final(trainer, pl_module, "test")
@@ -203,7 +228,7 @@ class Evaluation(L.Callback):
         targets = hp.env_targets or get_task(self._task_name(trainer)).env_targets
         return QTPolicy(
             pl_module.actor,
-            pl_module.critic_target,  # the target critic scores actions (QT_SPEC §4)
+            pl_module.critic_target,  # the target critic scores actions (docs/algorithm.md §4)
             state_mean=pl_module.state_mean,
             state_std=pl_module.state_std,
             scale=hp.scale,
@@ -246,7 +271,7 @@ class Evaluation(L.Callback):
             return self.task
         dm = getattr(trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "task"):
-            raise ValueError("Evaluation needs a task: set Evaluation.task or use QTDataModule.")
+            raise UserError("Evaluation needs a task: set Evaluation.task or use QTDataModule.")
         return dm.task
 
     @staticmethod
@@ -263,7 +288,8 @@ class Evaluation(L.Callback):
         return task.ref_min_score, task.ref_max_score
 
     def state_dict(self) -> dict:
-        return {"best": dict(self.best)}
+        return {"best": dict(self.best), "best_iteration": self.best_iteration}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.best = dict(state_dict.get("best", {}))
+        self.best_iteration = int(state_dict.get("best_iteration", 0))

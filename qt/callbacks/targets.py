@@ -1,4 +1,4 @@
-"""Target networks: the EMA actor and the Polyak-averaged critic (QT_SPEC §3, end).
+"""Target networks: the EMA actor and the Polyak-averaged critic (docs/algorithm.md §3.4).
 
 The callback keeps its own count of completed training steps: in manual optimisation
 `trainer.global_step` counts optimizer steps (two per batch here), and the EMA schedule is
@@ -10,6 +10,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch import nn
+
+from qt.errors import UserError
 
 
 @torch.no_grad()
@@ -43,11 +45,11 @@ class TargetNetworks(L.Callback):
         tau: float = 0.005,
     ) -> None:
         if not 0.0 <= ema_decay <= 1.0:
-            raise ValueError(f"ema_decay={ema_decay} is outside [0, 1].")
+            raise UserError(f"ema_decay={ema_decay} is outside [0, 1].")
         if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"tau={tau} is outside [0, 1].")
+            raise UserError(f"tau={tau} is outside [0, 1].")
         if update_ema_every < 1:
-            raise ValueError(f"update_ema_every={update_ema_every}: expected a whole number >= 1.")
+            raise UserError(f"update_ema_every={update_ema_every}: expected a whole number >= 1.")
         self.ema_decay = ema_decay
         self.step_start_ema = step_start_ema
         self.update_ema_every = update_ema_every

@@ -8,7 +8,7 @@ import torch
 
 
 class Segments(NamedTuple):
-    """B training windows of length K (QT_SPEC §1), left-padded.
+    """B training windows of length K (docs/algorithm.md §1), left-padded.
 
     states     (B, K, S) float32, normalised with the dataset's state mean/std
     actions    (B, K, A) float32, 0 on padding

@@ -20,15 +20,17 @@ from torch.utils.data import DataLoader
 from qt.data.readers import SOURCES, read_task
 from qt.data.sampler import SegmentStream, StreamLoader, check_full_windows
 from qt.data.store import TrajectoryStore
+from qt.errors import UserError
 from qt.tasks import get_task
 
 
 class QTDataModule(L.LightningDataModule):
-    """Segments of `task`'s dataset for QT training (QT_SPEC §1).
+    """Segments of `task`'s dataset for QT training (docs/algorithm.md §1).
 
     Args:
         task: D4RL dataset name from the registry, e.g. `hopper-medium-v2`.
-        source: `d4rl-hdf5` (h5py; file from `path`, `D4RL_DATASET_DIR` or ~/.d4rl/datasets),
+        source: `d4rl-hdf5` (h5py; file from `path`, else qt.data.paths.hdf5_dir(), else
+            `D4RL_DATASET_DIR` or ~/.d4rl/datasets),
             `minari` (local Minari store; `path` is a dataset id or a store directory, default
             id `qt/<task>`) or `d4rl-package` (the legacy `d4rl` package, when importable).
         path: see `source`.
@@ -59,14 +61,14 @@ class QTDataModule(L.LightningDataModule):
         super().__init__()
         self._task = get_task(task)  # unknown names fail here, with close matches
         if source not in SOURCES:
-            raise ValueError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}.")
+            raise UserError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}.")
         for name, value, low in (("K", K, 1), ("batch_size", batch_size, 1),
                                  ("num_steps_per_iter", num_steps_per_iter, 1),
                                  ("num_workers", num_workers, 0)):  # fmt: skip
             if not isinstance(value, int) or value < low:
-                raise ValueError(f"data.{name}={value!r}: expected a whole number >= {low}.")
+                raise UserError(f"data.{name}={value!r}: expected a whole number >= {low}.")
         if not 0.0 < pct_traj <= 1.0:
-            raise ValueError(f"data.pct_traj={pct_traj}: expected a fraction in (0, 1].")
+            raise UserError(f"data.pct_traj={pct_traj}: expected a fraction in (0, 1].")
         self.task = self._task.name
         self.source, self.path = source, path
         self.K, self.batch_size = K, batch_size
@@ -88,7 +90,7 @@ class QTDataModule(L.LightningDataModule):
             traj = read_task(self._task, self.source, self.path)
             s_dim, a_dim = traj.observations.shape[1], traj.actions.shape[1]
             if (s_dim, a_dim) != (self._task.state_dim, self._task.act_dim):
-                raise ValueError(
+                raise UserError(
                     f"Dataset {traj.source} has states of size {s_dim} and actions of size "
                     f"{a_dim}, but task {self.task!r} expects {self._task.state_dim} and "
                     f"{self._task.act_dim}: is it the dataset of another task?"
@@ -202,7 +204,7 @@ class QTDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("task") not in (None, self.task):
-            raise ValueError(
+            raise UserError(
                 f"The checkpoint was trained on task {state_dict['task']!r}, but data.task is "
                 f"{self.task!r}: expected the same task to resume."
             )

@@ -1,7 +1,7 @@
 """Dataset readers: D4RL hdf5 (h5py), Minari (local store) and the legacy `d4rl` package.
 
 Each reader returns `Trajectories`: the kept trajectories of a dataset concatenated into flat
-arrays with episode offsets, split exactly as QT_SPEC §1 (and the authors' conversion script)
+arrays with episode offsets, split exactly as docs/algorithm.md §1 (and the authors' conversion script)
 say. Nothing here needs `gym`, `mujoco-py` or `d4rl` except `read_d4rl_package`, which imports
 them lazily and explains what is missing when they cannot be imported.
 """
@@ -9,6 +9,7 @@ them lazily and explains what is missing when they cannot be imported.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from qt.data.paths import DATA_DIR_ENV, hdf5_dir, minari_dir
+from qt.errors import MissingInputError, UserError
 from qt.tasks import Task, get_task
 
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals")
 NO_TIMEOUTS_LIMIT = 1000  # without `timeouts`, a trajectory also ends after this many steps
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,7 +84,7 @@ def split_d4rl(arrays: dict, source: str = "") -> Trajectories:
     `Trajectories`, after checking keys, lengths, shapes and finiteness."""
     missing = [k for k in D4RL_KEYS if k not in arrays]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"Dataset {source} lacks the keys {missing}: expected at least {list(D4RL_KEYS)} "
             "(and optionally 'timeouts')."
         )
@@ -92,7 +96,7 @@ def split_d4rl(arrays: dict, source: str = "") -> Trajectories:
     timeouts = None if timeouts is None else np.asarray(timeouts).reshape(-1)
     n = len(rew)
     if obs.ndim != 2 or act.ndim != 2:
-        raise ValueError(
+        raise UserError(
             f"Dataset {source} has observations of shape {obs.shape} and actions of shape "
             f"{act.shape}: expected 2-d arrays (steps, size)."
         )
@@ -101,19 +105,29 @@ def split_d4rl(arrays: dict, source: str = "") -> Trajectories:
         lens["timeouts"] = len(timeouts)
     bad = {k: v for k, v in lens.items() if v != n}
     if bad:
-        raise ValueError(f"Dataset {source}: arrays {bad} differ in length from rewards ({n}).")
+        raise UserError(f"Dataset {source}: arrays {bad} differ in length from rewards ({n}).")
     for name, a in (("observations", obs), ("actions", act), ("rewards", rew)):
         if not np.isfinite(a).all():
             row = int(np.flatnonzero(~np.isfinite(a.reshape(n, -1)).all(axis=1))[0])
-            raise ValueError(
+            raise UserError(
                 f"Dataset {source} has a non-finite value in '{name}' at step {row}: "
                 "expected finite numbers."
             )
     ends = trajectory_ends(term, timeouts)
     if len(ends) == 0:
-        raise ValueError(
+        raise UserError(
             f"Dataset {source} has no finished trajectory ({n} steps, no terminal or timeout): "
             "expected at least one."
+        )
+    if timeouts is None:
+        # the authors' rule, but it cuts at every 1000 steps: a user whose file lost its
+        # timeouts (or never had them) must know that the episodes are not the file's own
+        log.warning(
+            "Dataset %s has no 'timeouts': split at terminals and every %d steps (the D4RL "
+            "conversion rule) into %d trajectories; add 'timeouts' to keep its own episodes.",
+            source or "(arrays)",
+            NO_TIMEOUTS_LIMIT,
+            len(ends),
         )
     keep = int(ends[-1])
     return Trajectories(
@@ -135,18 +149,26 @@ def d4rl_dataset_dir() -> Path:
 
 def resolve_d4rl_path(task: Task, path: str | os.PathLike | None) -> Path:
     """The hdf5 file of `task`: `path` itself (a file, or a directory holding the D4RL file
-    name), else the D4RL file name in `d4rl_dataset_dir()`."""
+    name), else the D4RL file name in qt's data root (`<root>/d4rl`, see `qt.data.paths`),
+    then in `d4rl_dataset_dir()`."""
     if path is None:
-        candidate = d4rl_dataset_dir() / task.dataset_file
-    else:
-        candidate = Path(path).expanduser()
-        if candidate.is_dir():
-            candidate = candidate / task.dataset_file
+        places = [hdf5_dir(), d4rl_dataset_dir()]
+        for place in places:
+            if (place / task.dataset_file).is_file():
+                return (place / task.dataset_file).resolve()
+        raise MissingInputError(
+            f"D4RL dataset file {task.dataset_file!r} for task {task.name!r} is in none of "
+            f"{', '.join(str(p) for p in places)}: expected it in one of them (or give "
+            f"data.path, or set {DATA_DIR_ENV}); generate it with "
+            f"`python -m qt.datagen {task.name}`."
+        )
+    candidate = Path(path).expanduser()
+    if candidate.is_dir():
+        candidate = candidate / task.dataset_file
     if not candidate.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"D4RL dataset file {candidate} for task {task.name!r} does not exist: expected the "
-            f"D4RL hdf5 file {task.dataset_file!r} there (set D4RL_DATASET_DIR or data.path), "
-            f"or generate one with `python -m qt.datagen {task.name} --d4rl-hdf5`."
+            f"D4RL hdf5 file {task.dataset_file!r} there (data.path)."
         )
     return candidate
 
@@ -157,7 +179,7 @@ def read_d4rl_hdf5(path: str | os.PathLike) -> Trajectories:
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise ValueError(f"Dataset file {path} is not a readable hdf5 file ({err}).") from None
+        raise UserError(f"Dataset file {path} is not a readable hdf5 file ({err}).") from None
     with f:
         arrays = {k: f[k][()] for k in (*D4RL_KEYS, "timeouts") if k in f}
         attrs = dict(f.attrs)
@@ -193,7 +215,7 @@ def read_minari(dataset_id: str, root: str | os.PathLike | None = None) -> Traje
         try:
             dataset = minari.load_dataset(dataset_id)
         except (FileNotFoundError, ValueError) as err:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"Minari dataset {dataset_id!r} is not in the local store {root} ({err}): "
                 "expected it there (set MINARI_DATASETS_PATH or data.path), or generate it with "
                 "`python -m qt.datagen NAME`."
@@ -201,7 +223,7 @@ def read_minari(dataset_id: str, root: str | os.PathLike | None = None) -> Traje
         parts: dict[str, list[np.ndarray]] = {k: [] for k in (*D4RL_KEYS, "timeouts")}
         for ep in dataset.iterate_episodes():
             if not isinstance(ep.observations, np.ndarray):
-                raise ValueError(
+                raise UserError(
                     f"Minari dataset {dataset_id!r} has {type(ep.observations).__name__} "
                     "observations: expected flat array (Box) observations."
                 )
@@ -217,7 +239,7 @@ def read_minari(dataset_id: str, root: str | os.PathLike | None = None) -> Traje
         else:
             os.environ["MINARI_DATASETS_PATH"] = previous
     if not parts["rewards"]:
-        raise ValueError(f"Minari dataset {dataset_id!r} has no episodes: expected at least one.")
+        raise UserError(f"Minari dataset {dataset_id!r} has no episodes: expected at least one.")
     traj = split_d4rl({k: np.concatenate(v) for k, v in parts.items()}, source=dataset_id)
     if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
         traj.ref_min_score = float(meta["ref_min_score"])
@@ -257,10 +279,19 @@ def read_task(task: str | Task, source: str = "d4rl-hdf5", path: str | None = No
     if source == "minari":
         if path is not None and Path(path).expanduser().is_dir():
             return read_minari(f"qt/{task.name}", root=path)
-        return read_minari(path or f"qt/{task.name}")
+        dataset_id = path or f"qt/{task.name}"
+        # qt's data root first, then Minari's own store
+        for root in (minari_dir(), minari_root()):
+            if (root / dataset_id).is_dir():
+                return read_minari(dataset_id, root=root)
+        raise MissingInputError(
+            f"Minari dataset {dataset_id!r} is in none of {minari_dir()}, {minari_root()}: "
+            f"expected it in one of them (or give data.path, or set {DATA_DIR_ENV}); generate "
+            f"qt's with `python -m qt.datagen {task.name}`."
+        )
     if source == "d4rl-package":
         return read_d4rl_package(task.name)
-    raise ValueError(f"Unknown data source {source!r}: expected one of {', '.join(SOURCES)}.")
+    raise UserError(f"Unknown data source {source!r}: expected one of {', '.join(SOURCES)}.")
 
 
 __all__ = [

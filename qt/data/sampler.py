@@ -1,4 +1,4 @@
-"""Segments of length K from a TrajectoryStore (QT_SPEC §1), drawn and gathered in one go.
+"""Segments of length K from a TrajectoryStore (docs/algorithm.md §1), drawn and gathered in one go.
 
 `draw_starts` is the random part (which trajectory, which start); `gather_segments` is the
 deterministic part (the window at given (trajectory, start) pairs, padded and normalised).
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from qt.data.batch import Segments
 from qt.data.store import TrajectoryStore
+from qt.errors import UserError
 
 
 def check_full_windows(store: TrajectoryStore, K: int, name: str = "") -> None:
@@ -27,7 +28,7 @@ def check_full_windows(store: TrajectoryStore, K: int, name: str = "") -> None:
     lengths = store.lengths[store.sample_trajs]
     short = lengths < K + 1
     if short.any():
-        raise ValueError(
+        raise UserError(
             f"full_windows_only with K={K} needs trajectories of at least {K + 1} steps, but "
             f"dataset {name or store.source} has {int(short.sum())} shorter ones (the shortest "
             f"has {int(lengths.min())}): lower K or set full_windows_only to false."
@@ -58,7 +59,7 @@ def gather_segments(
     K: int,
     max_ep_len: int,
 ) -> Segments:
-    """The windows starting at `starts` in trajectories `trajs`, left-padded to K (QT_SPEC §1).
+    """The windows starting at `starts` in trajectories `trajs`, left-padded to K (docs/algorithm.md §1).
 
     Each window takes T = min(K, len - start) steps; returns-to-go take T+1 values, the last
     being 0 when the window reaches the trajectory's end; timesteps are clipped to

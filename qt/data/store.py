@@ -1,6 +1,6 @@
 """TrajectoryStore: a dataset prepared for sampling, in flat contiguous arrays.
 
-Everything the sampler reads is computed once here (QT_SPEC §1): tuned rewards, per-step
+Everything the sampler reads is computed once here (docs/algorithm.md §1): tuned rewards, per-step
 returns-to-go, normalised states, and the trajectories that may be sampled (`pct_traj`) with
 their length-proportional probabilities. Each per-step array has one extra row at the end, the
 padding value, so a window's left padding is a gather of that row.
@@ -11,17 +11,18 @@ from __future__ import annotations
 import numpy as np
 
 from qt.data.readers import Trajectories
+from qt.errors import UserError
 
 REWARD_TUNES = ("cql_antmaze",)
 
 
 def tune_rewards(rewards: np.ndarray, reward_tune: str | None) -> np.ndarray:
-    """QT_SPEC §1: `cql_antmaze` maps r to (r - 0.5) * 4 (in float32, as the reference)."""
+    """docs/algorithm.md §1: `cql_antmaze` maps r to (r - 0.5) * 4 (in float32, as the reference)."""
     if reward_tune is None:
         return rewards
     if reward_tune == "cql_antmaze":
         return (rewards - np.float32(0.5)) * np.float32(4.0)
-    raise ValueError(
+    raise UserError(
         f"Unknown reward_tune {reward_tune!r}: expected None or one of {', '.join(REWARD_TUNES)}."
     )
 
@@ -43,7 +44,7 @@ def top_trajectories(returns: np.ndarray, lengths: np.ndarray, pct_traj: float) 
     """Indices of the highest-return trajectories that together hold at most `pct_traj` of the
     steps (at least one), lowest return first, as the reference keeps them."""
     if not 0.0 < pct_traj <= 1.0:
-        raise ValueError(f"pct_traj={pct_traj}: expected a fraction in (0, 1].")
+        raise UserError(f"pct_traj={pct_traj}: expected a fraction in (0, 1].")
     budget = max(int(pct_traj * int(lengths.sum())), 1)
     order = np.argsort(returns)  # lowest to highest
     # keep the longest suffix of `order` whose lengths sum within the budget (the best one
@@ -74,7 +75,7 @@ class TrajectoryStore:
         pct_traj: float = 1.0,
     ) -> None:
         if scale <= 0:
-            raise ValueError(f"scale={scale}: expected a positive number.")
+            raise UserError(f"scale={scale}: expected a positive number.")
         self.source = traj.source
         self.offsets = np.asarray(traj.offsets, dtype=np.int64)
         self.lengths = np.diff(self.offsets)

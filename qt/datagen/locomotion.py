@@ -43,6 +43,7 @@ import torch
 from qt.datagen.generated import GeneratedDataset
 from qt.envs.common import LOCOMOTION_LIMIT
 from qt.envs.locomotion import make_locomotion_env
+from qt.errors import UserError
 
 FAMILIES = ("hopper", "halfcheetah", "walker2d")
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
@@ -60,7 +61,7 @@ def parse_name(name: str) -> tuple[str, str]:
     family, _, rest = name.partition("-")
     kind, _, version = rest.rpartition("-")
     if family not in FAMILIES or kind not in KINDS or not version.startswith("v"):
-        raise ValueError(
+        raise UserError(
             f"Locomotion dataset name {name!r}: expected <family>-<kind>-v2 with family one of "
             f"{', '.join(FAMILIES)} and kind one of {', '.join(KINDS)}."
         )
@@ -216,7 +217,7 @@ class SACRun:
         on_step: Callable[[str, int], None] | None = None,
     ):
         if budget < 1 or eval_every < 1 or eval_episodes < 1 or checkpoint_every < 1:
-            raise ValueError(
+            raise UserError(
                 "SAC settings: budget, eval_every, eval_episodes and checkpoint_every must be "
                 f"positive (got {budget}, {eval_every}, {eval_episodes}, {checkpoint_every})."
             )
@@ -257,7 +258,7 @@ class SACRun:
         mine = json.loads(json.dumps(self.config))
         if stored is not None and stored != mine:
             diff = {k: (stored.get(k), mine.get(k)) for k in mine if stored.get(k) != mine.get(k)}
-            raise ValueError(
+            raise UserError(
                 f"SAC run {self.run_dir} was started with other settings {diff} (stored, asked): "
                 "use the same settings, another --work-dir, or delete that directory."
             )
@@ -433,7 +434,7 @@ class SACRun:
         bar.close()
         env.close()
         if state["stop_reason"] == "budget" and target is not None:
-            raise ValueError(
+            raise UserError(
                 f"SAC run {self.run_dir} used its budget of {self.budget} steps without an "
                 f"evaluation return of {target} (last {state['evals'][-1:]}); resume with a "
                 "larger --sac-steps (it continues from its checkpoint) or a lower --target-return."
@@ -482,9 +483,9 @@ def generate(
     family, kind = parse_name(name)
     steps = D4RL_STEPS.get(kind, 1_000_000) if steps is None else int(steps)
     if steps < 1:
-        raise ValueError(f"Dataset size {steps}: expected a positive number of steps.")
+        raise UserError(f"Dataset size {steps}: expected a positive number of steps.")
     if not 1 <= max_episode_steps <= LOCOMOTION_LIMIT:
-        raise ValueError(f"max_episode_steps {max_episode_steps}: expected 1..{LOCOMOTION_LIMIT}.")
+        raise UserError(f"max_episode_steps {max_episode_steps}: expected 1..{LOCOMOTION_LIMIT}.")
     ref_min, ref_max = _ref_scores(family)
     if target_return is None:
         target_return = ref_max / 3.0

@@ -2,7 +2,10 @@
 
 Owns the command line that dispatches a qt task name to its generator (maze2d-* here,
 hopper/halfcheetah/walker2d-* in `qt.datagen.locomotion`) and writes the result as a
-Minari dataset (and, with --d4rl-hdf5, as a D4RL-format hdf5 file), atomically.
+Minari dataset and as a D4RL-format hdf5 file, atomically, under qt's data root
+(`$QT_DATA_DIR`, else ./data: `minari/qt/<name>` and `d4rl/<D4RL file name>`), where the
+readers look by default. A dataset already there is kept (run again, nothing to do; --force
+replaces it); a format missing beside it is written.
 Options the parser does not know (e.g. `--sac-steps 300000`) are passed to the
 locomotion generator as keyword arguments.
 """
@@ -10,7 +13,6 @@ locomotion generator as keyword arguments.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,9 +21,9 @@ import numpy as np
 
 from qt.datagen.generated import GeneratedDataset
 from qt.datagen.writers import episode_bounds, write_d4rl_hdf5, write_minari
+from qt.errors import UserError, report
 
 LOCOMOTION = ("hopper", "halfcheetah", "walker2d")
-DEFAULT_MINARI_ROOT = Path("data") / "minari"
 LOCOMOTION_HELP = """locomotion options (hopper/halfcheetah/walker2d-*, see qt.datagen.locomotion):
   --sac-steps N          medium SAC run's budget of env steps (default 1000000)
   --target-return R      medium run stops at this evaluation return (default ref_max / 3)
@@ -32,9 +34,10 @@ A stopped run resumes from its checkpoint under --work-dir when run again."""
 
 
 def default_minari_root() -> Path:
-    """MINARI_DATASETS_PATH when set, else ./data/minari."""
-    env = os.environ.get("MINARI_DATASETS_PATH")
-    return Path(env) if env else DEFAULT_MINARI_ROOT
+    """The Minari root of qt's data root: `$QT_DATA_DIR/minari`, else ./data/minari."""
+    from qt.data.paths import minari_dir
+
+    return minari_dir()
 
 
 def _hdf5_file_name(name: str) -> str:
@@ -88,6 +91,8 @@ class _Progress:
     def __call__(self, done: int) -> None:
         self.bar.update(done - self.done)
         self.done = done
+        if self.bar.total is not None and done >= self.bar.total:
+            self.bar.close()  # done: what follows is said on lines of its own
 
     def close(self) -> None:
         self.bar.close()
@@ -159,6 +164,13 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
     )
 
 
+def _say(message: str) -> None:
+    """A status line on stderr, below any progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
@@ -173,11 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=Path,
         default=None,
-        help="Minari root (default: $MINARI_DATASETS_PATH or ./data/minari)",
+        help="Minari root (default: $QT_DATA_DIR/minari, else ./data/minari)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--d4rl-hdf5", action="store_true", help="also write a D4RL-format hdf5 file"
+        "--d4rl-hdf5",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write a D4RL-format hdf5 file (default: yes; what data.source d4rl-hdf5 reads)",
     )
     parser.add_argument(
         "--hdf5-out",
@@ -201,30 +216,31 @@ def main(argv: list[str] | None = None) -> int:
 
             parse_name(args.name)
         elif family not in LOCOMOTION:
-            raise ValueError(
+            raise UserError(
                 f"Dataset name {args.name!r}: expected a maze2d-* or {'/'.join(LOCOMOTION)}-* qt task name."
             )
-        root = args.out or default_minari_root()
+        root = (args.out or default_minari_root()).resolve()
         hdf5_path = args.hdf5_out or root.resolve().parent / "d4rl" / _hdf5_file_name(args.name)
         # one work dir per family: medium, medium-replay and medium-expert share a SAC run
         work_dir = args.work_dir or root.resolve().parent / "work" / args.name.split("-", 1)[0]
-        # refuse before spending minutes generating
-        if (root / "qt" / args.name).exists() and not args.force:
-            raise FileExistsError(
-                f"Dataset {root / 'qt' / args.name} already exists: pass --force to replace it."
-            )
-        if args.d4rl_hdf5 and hdf5_path.exists() and not args.force:
-            raise FileExistsError(
-                f"Dataset file {hdf5_path} already exists: pass --force to replace it."
-            )
-    except (ValueError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, UserError) as err:
+        return report(err)
+    minari_path = root / "qt" / args.name
+    # what is there already is kept (unless --force): decided before minutes of generation
+    want_minari = args.force or not minari_path.exists()
+    want_hdf5 = args.d4rl_hdf5 and (args.force or not hdf5_path.exists())
+    if not (want_minari or want_hdf5):
+        there = [str(minari_path)] + ([str(hdf5_path)] if args.d4rl_hdf5 else [])
+        print(f"{args.name}: already there ({', '.join(there)}); nothing to do "
+              "(--force replaces it).")  # fmt: skip
+        return 0
     t0 = time.perf_counter()
     # the locomotion generator draws its own bars (SAC training, then rollouts)
     progress = (
         _Progress(_total_steps(args.name, args.steps), args.name) if family == "maze2d" else None
     )
+    if family == "maze2d":
+        extra.setdefault("say", _say)
     try:
         ds = generate(
             args.name,
@@ -234,16 +250,19 @@ def main(argv: list[str] | None = None) -> int:
             extra=extra,
             progress=progress,
         )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, UserError) as err:
+        return report(err)
     finally:
         if progress is not None:
             progress.close()
-    path = write_minari(ds, root, force=args.force)
-    print(f"wrote Minari dataset qt/{ds.name} to {path}")
-    if args.d4rl_hdf5:
-        print(f"wrote D4RL hdf5 to {write_d4rl_hdf5(ds, hdf5_path, force=args.force)}")
+    if want_minari:
+        _say(f"writing Minari dataset qt/{ds.name} under {root} ...")
+        path = write_minari(ds, root, force=args.force or minari_path.exists())
+        print(f"wrote Minari dataset qt/{ds.name} to {path}")
+    if want_hdf5:
+        _say(f"writing D4RL hdf5 {hdf5_path} ...")
+        written = write_d4rl_hdf5(ds, hdf5_path, force=args.force or hdf5_path.exists())
+        print(f"wrote D4RL hdf5 to {written}")
     print(summary(ds, time.perf_counter() - t0))
     return 0
 

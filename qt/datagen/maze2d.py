@@ -42,6 +42,7 @@ import numpy as np
 from qt.datagen.generated import GeneratedDataset
 from qt.envs.maze2d import LAYOUTS, TIME_LIMITS, VEL_CLIP, Maze2DEnv, make_maze2d_env
 from qt.envs.maze2d import parse_maze_name as parse_name
+from qt.errors import UserError
 
 # D4RL's dataset sizes for its maze2d files.
 D4RL_STEPS = {"open": 1_000_000, "umaze": 1_000_000, "medium": 2_000_000, "large": 4_000_000}
@@ -182,6 +183,7 @@ def generate(
     max_episode_steps: int | None = None,
     reward_goal: str = "eval",
     progress: Callable[[int], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> GeneratedDataset:
     """Generate a `maze2d-*` dataset by D4RL's protocol (see the module docstring).
 
@@ -194,15 +196,16 @@ def generate(
     reward_goal: "eval" (D4RL's relabelling: the maze's fixed evaluation goal) or "current"
         (the goal the controller was driving to at that step, `infos/goal`).
     progress: called with the number of steps done, every 10k steps and at the end.
+    say: called with a line saying what follows the steps (the reference episodes).
     """
     maze, dense = parse_name(name)
     steps = D4RL_STEPS[maze] if steps is None else int(steps)
     if steps < 1:
-        raise ValueError(f"steps={steps}: expected a positive number of steps.")
+        raise UserError(f"steps={steps}: expected a positive number of steps.")
     if reward_goal not in ("eval", "current"):
-        raise ValueError(f"reward_goal={reward_goal!r}: expected 'eval' (D4RL) or 'current'.")
+        raise UserError(f"reward_goal={reward_goal!r}: expected 'eval' (D4RL) or 'current'.")
     if ref_episodes < 0:
-        raise ValueError(f"ref_episodes={ref_episodes}: expected 0 or more episodes.")
+        raise UserError(f"ref_episodes={ref_episodes}: expected 0 or more episodes.")
     t0 = time.perf_counter()
     # separate streams for the noise and for everything else, so that a shorter dataset is
     # exactly the beginning of a longer one with the same seed
@@ -211,7 +214,7 @@ def generate(
     model, data = env.model, env.data
     limit = TIME_LIMITS[maze] if max_episode_steps is None else int(max_episode_steps)
     if limit < 1:
-        raise ValueError(f"max_episode_steps={max_episode_steps}: expected a positive integer.")
+        raise UserError(f"max_episode_steps={max_episode_steps}: expected a positive integer.")
     controller = WaypointController(maze, rng)
 
     obs = np.empty((steps, 4), dtype=np.float32)
@@ -225,7 +228,7 @@ def generate(
     env.reset(seed=int(rng.integers(2**31)))
     s = (*data.qpos, *data.qvel)  # the observation the script holds (may go stale)
     if action_noise < 0:
-        raise ValueError(f"action_noise={action_noise}: expected a standard deviation >= 0.")
+        raise UserError(f"action_noise={action_noise}: expected a standard deviation >= 0.")
     block = 8192
     ts = 0
     for t in range(steps):
@@ -262,6 +265,11 @@ def generate(
     eval_goal = np.array(env.target)  # the layout's goal cell: D4RL's evaluation goal
     rewards = maze_rewards(obs, eval_goal if reward_goal == "eval" else goals, dense)
     if ref_episodes > 0:
+        if say is not None:
+            say(
+                f"reference scores: {ref_episodes} episodes of a random and of the expert "
+                "controller ..."
+            )
         ref_min, ref_max = reference_scores(maze, dense, ref_episodes, seed)
     else:
         ref_min = ref_max = float("nan")

@@ -1,7 +1,9 @@
 """Writers for generated datasets: Minari (through Minari's own API) and D4RL-format hdf5.
 
 Both are atomic: the dataset is written into a temporary sibling and renamed into place
-only once complete, so a generation stopped at any point leaves no dataset that loads. An
+only once complete, so a generation stopped at any point leaves no dataset that loads. The
+temporary is named after the writing process (`.<name>.writing-<pid>-*`): the next write of
+the same dataset removes those whose process is gone (a generation killed while writing). An
 existing dataset is replaced only when `force=True` (the old one is kept until the new one
 is in place).
 """
@@ -10,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +30,7 @@ from qt.datagen.generated import D4RL_KEYS, GeneratedDataset
 AUTHOR = "qt"
 AUTHOR_EMAIL = "qt@users.noreply.github.com"
 CODE_PERMALINK = "https://github.com/qt-offline-rl/qt"
+log = logging.getLogger(__name__)
 
 
 def minari_id(name: str) -> str:
@@ -37,7 +42,7 @@ def episode_bounds(terminals: np.ndarray, timeouts: np.ndarray) -> list[tuple[in
     """[start, end) of each episode: one ends at every step flagged terminal or timeout.
 
     Steps after the last flagged one form a trailing episode too (the writer keeps every
-    step; readers drop unfinished trailing episodes as QT_SPEC §1 says).
+    step; readers drop unfinished trailing episodes as docs/algorithm.md §1 says).
     """
     ends = np.flatnonzero(np.asarray(terminals, bool) | np.asarray(timeouts, bool)) + 1
     n = len(terminals)
@@ -85,6 +90,44 @@ def _serialisable(spec: gym.envs.registration.EnvSpec | None):
     return None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_writes(parent: Path, name: str) -> list[Path]:
+    """Remove `.<name>.writing-*` / `.<name>.old-*` left in `parent` by writes whose process
+    is gone; return what was removed. One without a pid in its name (written before pids were
+    recorded) counts as gone once it is an hour old."""
+    removed = []
+    for path in sorted(parent.glob(f".{name}.writing-*")) + sorted(parent.glob(f".{name}.old-*")):
+        tail = path.name.split(".writing-" if ".writing-" in path.name else ".old-", 1)[1]
+        pid_text = tail.split("-", 1)[0]
+        try:
+            live = _alive(int(pid_text))
+        except ValueError:
+            live = time.time() - path.stat().st_mtime < 3600
+        if live:
+            continue
+        size = (
+            sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            if path.is_dir()
+            else path.stat().st_size
+        )
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        log.warning("removed %s (%.0f MB), left by a stopped generation", path, size / 2**20)
+        removed.append(path)
+    return removed
+
+
 @contextmanager
 def _atomic_dir(final: Path, scratch_parent: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary directory in `scratch_parent` (outside any dataset root, on the same
@@ -94,7 +137,10 @@ def _atomic_dir(final: Path, scratch_parent: Path, force: bool) -> Iterator[Path
             f"Dataset {final} already exists: pass force=True (--force) to replace it."
         )
     scratch_parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.writing-", dir=scratch_parent))
+    remove_stale_writes(scratch_parent, final.name)
+    if final.parent.is_dir():
+        remove_stale_writes(final.parent, final.name)  # a swap stopped half-way
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.writing-{os.getpid()}-", dir=scratch_parent))
     try:
         yield tmp
     except BaseException:
@@ -204,7 +250,8 @@ def write_d4rl_hdf5(ds: GeneratedDataset, path: str | os.PathLike, *, force: boo
             f"Dataset file {path} already exists: pass force=True (--force) to replace it."
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.writing-", dir=path.parent)
+    remove_stale_writes(path.parent, path.name)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.writing-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -237,4 +284,11 @@ def write_d4rl_hdf5(ds: GeneratedDataset, path: str | os.PathLike, *, force: boo
     return path
 
 
-__all__ = ["D4RL_KEYS", "episode_bounds", "minari_id", "write_d4rl_hdf5", "write_minari"]
+__all__ = [
+    "D4RL_KEYS",
+    "episode_bounds",
+    "minari_id",
+    "remove_stale_writes",
+    "write_d4rl_hdf5",
+    "write_minari",
+]

@@ -19,6 +19,7 @@ from qt.envs.common import (
     LOCOMOTION_LIMIT,
     MAZE2D_LIMITS,
 )
+from qt.errors import UserError
 from qt.tasks import Task, get_task
 
 __all__ = ["make_env", "make_vector_env", "episode_limit"]
@@ -42,7 +43,7 @@ def episode_limit(task: str | Task) -> int:
         return MAZE2D_LIMITS[_maze_of(task)]
     if task.family == "antmaze":
         return ANTMAZE_LIMITS[_maze_of(task)]
-    raise ValueError(
+    raise UserError(
         f"Task {task.name!r} has family {task.family!r}, for which no environment exists."
     )
 
@@ -53,7 +54,7 @@ def _check_spaces(env: gym.Env, task: Task) -> None:
     act_shape = env.action_space.shape
     if obs_shape != (task.state_dim,) or act_shape != (task.act_dim,):
         env.close()
-        raise ValueError(
+        raise UserError(
             f"The environment built for task {task.name!r} has observation shape {obs_shape} and "
             f"action shape {act_shape}, expected ({task.state_dim},) and ({task.act_dim},)."
         )
@@ -93,7 +94,7 @@ def make_env(
             _maze_of(task), goal_per_reset=task.name.endswith("-v2"), render_mode=render_mode
         )
     else:
-        raise ValueError(
+        raise UserError(
             f"Task {task.name!r} has family {family!r}, for which no environment exists."
         )
     _check_spaces(env, task)
@@ -114,9 +115,9 @@ def make_vector_env(
     default autoreset (NEXT_STEP) applies.
     """
     if num_envs < 1:
-        raise ValueError(f"num_envs is {num_envs}, expected at least 1.")
+        raise UserError(f"num_envs is {num_envs}, expected at least 1.")
     if seeds is not None and len(seeds) != num_envs:
-        raise ValueError(
+        raise UserError(
             f"seeds has {len(seeds)} entries, expected one per environment ({num_envs})."
         )
     task = get_task(task) if isinstance(task, str) else task

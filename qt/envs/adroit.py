@@ -17,6 +17,7 @@ from __future__ import annotations
 import gymnasium as gym
 
 from qt.envs.common import ADROIT_LIMITS, as_float32_obs
+from qt.errors import UserError
 
 _ENV_IDS = {
     "pen": "AdroitHandPen-v1",
@@ -45,9 +46,7 @@ def make_adroit_env(family: str, *, render_mode: str | None = None) -> gym.Env:
     import gymnasium_robotics
 
     if family not in _ENV_IDS:
-        raise ValueError(
-            f"Unknown Adroit family {family!r}: expected one of {', '.join(_ENV_IDS)}."
-        )
+        raise UserError(f"Unknown Adroit family {family!r}: expected one of {', '.join(_ENV_IDS)}.")
     gym.register_envs(gymnasium_robotics)
     env = gym.make(
         _ENV_IDS[family], render_mode=render_mode, max_episode_steps=ADROIT_LIMITS[family]

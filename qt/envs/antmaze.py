@@ -30,6 +30,7 @@ import gymnasium as gym
 import numpy as np
 
 from qt.envs.common import ANTMAZE_LIMITS
+from qt.errors import UserError
 
 # D4RL's single-goal evaluation maps (maze_env.py *_TEST): 1 wall, 0 free, R reset, G goal.
 R, G = "r", "g"
@@ -132,7 +133,7 @@ class AntMazeEnv(gym.Env):
         from gymnasium.envs.mujoco.ant_v5 import AntEnv
 
         if maze not in MAZES:
-            raise ValueError(f"Unknown ant maze {maze!r}: expected one of {', '.join(MAZES)}.")
+            raise UserError(f"Unknown ant maze {maze!r}: expected one of {', '.join(MAZES)}.")
         self.maze = maze
         self.goal_per_reset = goal_per_reset
         fd, path = tempfile.mkstemp(suffix=".xml", prefix="qt_antmaze_")

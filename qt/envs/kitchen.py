@@ -26,6 +26,7 @@ import gymnasium as gym
 import numpy as np
 
 from qt.envs.common import KITCHEN_LIMIT
+from qt.errors import UserError
 
 _TASKS = {
     "kitchen-complete-v0": ("microwave", "kettle", "light switch", "slide cabinet"),
@@ -54,7 +55,7 @@ _ELEMENT_GOALS = {
 }
 
 
-class EnvUnavailableError(RuntimeError):
+class EnvUnavailableError(UserError, RuntimeError):
     """An environment cannot be built with the installed packages."""
 
 
@@ -97,7 +98,7 @@ def make_kitchen_env(name: str, *, render_mode: str | None = None) -> gym.Env:
     import mujoco
 
     if name not in _TASKS:
-        raise ValueError(f"Unknown kitchen task {name!r}: expected one of {', '.join(_TASKS)}.")
+        raise UserError(f"Unknown kitchen task {name!r}: expected one of {', '.join(_TASKS)}.")
     gym.register_envs(gymnasium_robotics)
     try:
         env = gym.make(

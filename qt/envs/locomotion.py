@@ -13,6 +13,7 @@ import warnings
 import gymnasium as gym
 
 from qt.envs.common import LOCOMOTION_LIMIT, as_float32_obs
+from qt.errors import UserError
 
 _ENV_IDS = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}
 
@@ -20,7 +21,7 @@ _ENV_IDS = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": 
 def make_locomotion_env(family: str, *, render_mode: str | None = None) -> gym.Env:
     """The gymnasium environment of a locomotion family, float32 observations, limit 1000."""
     if family not in _ENV_IDS:
-        raise ValueError(
+        raise UserError(
             f"Unknown locomotion family {family!r}: expected one of {', '.join(_ENV_IDS)}."
         )
     with warnings.catch_warnings():

@@ -37,6 +37,8 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 
+from qt.errors import UserError
+
 # D4RL's layouts, row by row ('#' wall, 'O' empty, 'G' the evaluation goal).
 LAYOUTS: dict[str, tuple[str, ...]] = {
     "open": ("#######", "#OOOOO#", "#OOGOO#", "#OOOOO#", "#######"),
@@ -72,7 +74,7 @@ VEL_CLIP = 5.0
 def parse_layout(maze: str) -> tuple[np.ndarray, tuple[int, int]]:
     """Walls (rows, cols) bool and the goal cell (i, j) of one of D4RL's layouts."""
     if maze not in LAYOUTS:
-        raise ValueError(f"Unknown maze {maze!r}: expected one of {sorted(LAYOUTS)}.")
+        raise UserError(f"Unknown maze {maze!r}: expected one of {sorted(LAYOUTS)}.")
     rows = LAYOUTS[maze]
     walls = np.array([[c == "#" for c in row] for row in rows], dtype=bool)
     (goal,) = [(i, j) for i, row in enumerate(rows) for j, c in enumerate(row) if c == "G"]
@@ -92,7 +94,7 @@ def parse_maze_name(name: str) -> tuple[str, bool]:
     ok = len(parts) in (3, 4) and parts[0] == "maze2d" and parts[1] in LAYOUTS
     ok = ok and parts[-1] in ("v0", "v1") and (len(parts) == 3 or parts[2] == "dense")
     if not ok:
-        raise ValueError(
+        raise UserError(
             f"Dataset name {name!r}: expected maze2d-<{'|'.join(LAYOUTS)}>[-dense]-v1 (open: -v0)."
         )
     return parts[1], len(parts) == 4
@@ -152,7 +154,7 @@ class Maze2DEnv(gym.Env):
 
     def __init__(self, maze: str = "umaze", dense: bool = False, render_mode: str | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode {render_mode!r}: expected None or 'rgb_array'.")
+            raise UserError(f"render_mode {render_mode!r}: expected None or 'rgb_array'.")
         self.maze = maze
         self.dense = bool(dense)
         self.render_mode = render_mode
@@ -203,7 +205,7 @@ class Maze2DEnv(gym.Env):
         if options and "cell" in options:
             cell = np.asarray(options["cell"], dtype=np.float64)
             if cell.shape != (2,) or self.walls[int(cell[0]), int(cell[1])]:
-                raise ValueError(
+                raise UserError(
                     f"reset option cell={options['cell']!r}: expected a free cell (i, j)."
                 )
         else:
@@ -272,9 +274,9 @@ def make_maze2d_env(
 ) -> gym.Env:
     """D4RL's Maze2D evaluation env: fixed goal, D4RL reward, D4RL's time limit by default."""
     if maze not in LAYOUTS:
-        raise ValueError(f"Unknown maze {maze!r}: expected one of {sorted(LAYOUTS)}.")
+        raise UserError(f"Unknown maze {maze!r}: expected one of {sorted(LAYOUTS)}.")
     if max_episode_steps is not None and max_episode_steps < 1:
-        raise ValueError(f"max_episode_steps={max_episode_steps}: expected a positive integer.")
+        raise UserError(f"max_episode_steps={max_episode_steps}: expected a positive integer.")
     return gym.make(
         env_id(maze, dense),
         render_mode=render_mode,

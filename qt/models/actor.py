@@ -1,4 +1,4 @@
-"""The QT actor: a Decision Transformer over (R_t, s_t, a_t) tokens (QT_SPEC §2).
+"""The QT actor: a Decision Transformer over (R_t, s_t, a_t) tokens (docs/algorithm.md §2).
 
 Owns the token layout (interleaving, timestep embedding, `embed_ln`), the heads and
 which hidden state each head reads, and a converter from the authors' checkpoints.

@@ -1,4 +1,4 @@
-"""The twin critic of QT (QT_SPEC §2): two independent Q MLPs and their minimum.
+"""The twin critic of QT (docs/algorithm.md §2): two independent Q MLPs and their minimum.
 
 Each of Q1, Q2 is Linear(S+A, d) Mish Linear(d, d) Mish Linear(d, d) Mish Linear(d, 1)
 over concat(state, action); parameter names (`q1_model.0.weight`, ...) and

@@ -1,4 +1,4 @@
-"""A GPT-2 style causal transformer over given token embeddings (QT_SPEC §2).
+"""A GPT-2 style causal transformer over given token embeddings (docs/algorithm.md §2).
 
 Owns the trunk of the actor: pre-LN blocks (causal self-attention on
 `scaled_dot_product_attention`, then a 4d ReLU MLP), dropout on attention

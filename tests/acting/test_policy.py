@@ -1,4 +1,4 @@
-"""Q-guided acting (QT_SPEC §4): candidates against a per-candidate loop written the
+"""Q-guided acting (docs/algorithm.md §4): candidates against a per-candidate loop written the
 reference's way, the critic's pick, return-to-go bookkeeping, and batched == separate."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The target-network schedule of QT_SPEC §3 against a step-by-step reimplementation."""
+"""The target-network schedule of docs/algorithm.md §3.4 against a step-by-step reimplementation."""
 
 from types import SimpleNamespace
 

@@ -159,15 +159,49 @@ def test_hdf5_lookup_by_name_and_extra_keys(tmp_path, monkeypatch):
 
 def test_missing_files_and_sources_are_explained(tmp_path, monkeypatch):
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"hopper_medium-v2\.hdf5.*qt\.data\.make"):
+    with pytest.raises(
+        FileNotFoundError, match=r"hopper_medium-v2\.hdf5.*python -m qt\.datagen hopper-medium-v2"
+    ):
         read_task("hopper-medium-v2")
     (tmp_path / "hopper_medium-v2.hdf5").write_text("not hdf5")
     with pytest.raises(ValueError, match="is not a readable hdf5 file"):
         read_task("hopper-medium-v2")
-    with pytest.raises(FileNotFoundError, match="not in the local store"):
-        read_task("hopper-medium-v2", "minari", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="is in none of"):
+        read_task("hopper-medium-v2", "minari", "qt/nowhere")
     with pytest.raises(ValueError, match="Unknown data source 'zarr'"):
         read_task("hopper-medium-v2", "zarr")
+
+
+def test_the_data_root_is_searched_first_and_named_when_empty(tmp_path, monkeypatch):
+    root, d4rl_dir = tmp_path / "root", tmp_path / "d4rl-home"
+    monkeypatch.setenv("QT_DATA_DIR", str(root))
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(d4rl_dir))
+    with pytest.raises(FileNotFoundError) as err:
+        read_task("hopper-medium-v2")
+    assert str(root / "d4rl") in str(err.value) and str(d4rl_dir) in str(err.value)
+    assert "QT_DATA_DIR" in str(err.value) and "\n" not in str(err.value)
+    for place, n in ((d4rl_dir, 30), (root / "d4rl", 20)):  # D4RL's place, then qt's root
+        arrays = _random_arrays(n, 1, timeouts=True)
+        arrays["timeouts"][:] = False
+        arrays["timeouts"][-1] = True
+        place.mkdir(parents=True)
+        with h5py.File(place / "hopper_medium-v2.hdf5", "w") as f:
+            for k, v in arrays.items():
+                f[k] = v
+        assert read_task("hopper-medium-v2").offsets.tolist() == [0, n]  # qt's root wins
+
+
+def test_a_file_without_timeouts_is_split_with_one_warning(caplog):
+    arrays = _random_arrays(2500, 3, timeouts=False, p_term=0.0)
+    with caplog.at_level("WARNING", logger="qt.data.readers"):
+        traj = split_d4rl(arrays, source="d.hdf5")
+    [record] = caplog.records
+    message = record.getMessage()
+    assert "d.hdf5 has no 'timeouts'" in message and "\n" not in message
+    assert f"into {len(traj)} trajectories" in message and len(traj) == 2  # 1000 + 999 steps
+    caplog.clear()
+    split_d4rl(_random_arrays(2500, 3, timeouts=True), source="e.hdf5")
+    assert not caplog.records
 
 
 def test_d4rl_package_source_says_what_is_missing(monkeypatch):

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -143,34 +145,64 @@ def test_existing_datasets_are_replaced_only_with_force(tmp_path, small):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.hdf5", "minari"]
 
 
-def test_cli_writes_both_formats_and_refuses_to_overwrite(tmp_path, capsys):
+def test_cli_writes_both_formats_and_a_second_run_keeps_them(tmp_path, capsys):
     root = tmp_path / "data" / "minari"
-    args = [
-        "maze2d-umaze-v1",
-        "--steps",
-        "1500",
-        "--out",
-        str(root),
-        "--d4rl-hdf5",
-        "--ref-episodes",
-        "2",
-    ]
+    args = ["maze2d-umaze-v1", "--steps", "1500", "--out", str(root), "--ref-episodes", "2"]
     assert make.main(args) == 0
-    out = capsys.readouterr().out
-    assert "steps          1500" in out and "ref scores" in out
-    h5 = tmp_path / "data" / "d4rl" / "maze2d-umaze-sparse-v1.hdf5"
+    captured = capsys.readouterr()
+    assert "steps          1500" in captured.out and "ref scores" in captured.out
+    # after the bar: what it is doing, line by line
+    assert "reference scores: 2 episodes" in captured.err
+    assert "writing Minari dataset qt/maze2d-umaze-v1" in captured.err
+    assert "writing D4RL hdf5" in captured.err
+    h5 = tmp_path / "data" / "d4rl" / "maze2d-umaze-sparse-v1.hdf5"  # written by default
     with h5py.File(h5, "r") as f:
         rewards = f["rewards"][()]
         timeouts = f["timeouts"][()]
     flat = flat_from_minari(load(root))
     np.testing.assert_array_equal(flat["rewards"], rewards)
     np.testing.assert_array_equal(flat["truncations"], timeouts)
-    before = h5.stat().st_mtime_ns
-    assert make.main(args) == 2
-    assert "--force" in capsys.readouterr().err
-    assert h5.stat().st_mtime_ns == before
+    before = h5.stat().st_mtime_ns, (root / "qt" / "maze2d-umaze-v1").stat().st_mtime_ns
+    # again (`make data` twice): nothing to do, nothing touched, success
+    assert make.main(args) == 0
+    assert "already there" in capsys.readouterr().out
+    assert (h5.stat().st_mtime_ns, (root / "qt" / "maze2d-umaze-v1").stat().st_mtime_ns) == before
+    # a missing format is written beside the one that is there, which is kept
+    h5.unlink()
+    assert make.main(args) == 0
+    assert "wrote D4RL hdf5" in capsys.readouterr().out
+    with h5py.File(h5, "r") as f:
+        np.testing.assert_array_equal(f["rewards"][()], rewards)
+    assert (root / "qt" / "maze2d-umaze-v1").stat().st_mtime_ns == before[1]
     assert make.main(["maze2d-huge-v1", "--out", str(root)]) == 2
     assert make.main(["ant-medium-v2", "--out", str(root)]) == 2
+
+
+def test_the_default_root_is_qt_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("QT_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert make.main(["maze2d-umaze-v1", "--steps", "800", "--ref-episodes", "1"]) == 0
+    assert (tmp_path / "elsewhere" / "d4rl" / "maze2d-umaze-sparse-v1.hdf5").is_file()
+    assert (tmp_path / "elsewhere" / "minari" / "qt" / "maze2d-umaze-v1").is_dir()
+
+
+def test_a_killed_generations_scratch_is_removed_by_the_next(tmp_path, small):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    root = tmp_path / "minari"
+    stale_dir = tmp_path / f".maze2d-umaze-v1.writing-{dead.pid}-abc"
+    (stale_dir / "qt" / "maze2d-umaze-v1" / "data").mkdir(parents=True)
+    (stale_dir / "qt" / "maze2d-umaze-v1" / "data" / "main_data.hdf5").write_bytes(b"x" * 4096)
+    live_dir = tmp_path / f".maze2d-umaze-v1.writing-{os.getpid()}-def"  # a write going on
+    live_dir.mkdir()
+    h5_dir = tmp_path / "d4rl"
+    h5_dir.mkdir()
+    stale_h5 = h5_dir / f".maze2d-umaze-sparse-v1.hdf5.writing-{dead.pid}-ghi"
+    stale_h5.write_bytes(b"half")
+    writers.write_minari(small, root)
+    writers.write_d4rl_hdf5(small, h5_dir / "maze2d-umaze-sparse-v1.hdf5")
+    assert not stale_dir.exists() and not stale_h5.exists()
+    assert live_dir.is_dir()
+    assert sorted(p.name for p in h5_dir.iterdir()) == ["maze2d-umaze-sparse-v1.hdf5"]
 
 
 def test_extra_options_are_parsed_for_the_generators():

@@ -216,3 +216,14 @@ def test_attention_dropout_path_matches_sdpa_without_dropout():
     torch.testing.assert_close(manual, reference, rtol=1e-5, atol=1e-6)
     attn.train()
     torch.testing.assert_close(attn(x, None), attn.eval()(x, None), rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_dropout_stays_at_the_references_value_whatever_dropout_is():
+    # docs/algorithm.md §7: the authors' GPT-2 keeps its default embd_pdrop 0.1
+    from qt.module import QTModule
+
+    assert QTActor(**{**TINY, "dropout": 0.0}).transformer.drop.p == 0.1
+    module = QTModule(state_dim=3, act_dim=2, K=4, max_ep_len=10, hidden_size=8, n_layer=1,
+                      n_head=2, dropout=0.3)  # fmt: skip
+    assert module.actor.transformer.drop.p == 0.1
+    assert all(b.attn.resid_dropout.p == 0.3 for b in module.actor.transformer.h)

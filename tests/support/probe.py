@@ -54,3 +54,11 @@ class MetricsProbe(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save({"epochs": self.epochs, "steps": self.steps},
                    Path(os.environ["QT_PROBE_DIR"]) / "metrics.pt")  # fmt: skip
+
+
+class StepProbe(L.Callback):
+    """Touches $QT_PROBE_DIR/stepped when the first training batch starts (and writes it at
+    once, so a run that fails later still shows that it trained)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        (Path(os.environ["QT_PROBE_DIR"]) / "stepped").touch()

@@ -1,0 +1,150 @@
+"""What a fit says on the console: losses and the latest and best evaluation score on the
+progress bar, one line per evaluation (written by `Evaluation` through `say`), and at the end
+the run, its best score and checkpoint, and how to open it in the MLflow UI.
+
+`quiet()` silences the tips and deprecation notices of the libraries under qt (Lightning's
+"💡 Tip" lines, MLflow's database set-up lines, deprecations qt cannot act on); `cli.py` calls
+it for qt's own runs. Warnings that concern the user's run are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+# callback metric -> its name on the progress bar
+BAR_METRICS = {
+    "train/bc_loss": "bc",
+    "train/q_loss": "q",
+    "train/critic_loss": "critic",
+    "eval/normalized_score": "score",
+    "eval/best_normalized_score": "best",
+}
+
+
+def say(trainer: L.Trainer | None, message: str) -> None:
+    """Print a line on rank 0, above the progress bar when there is one."""
+    if trainer is not None and trainer.global_rank != 0:
+        return
+    bar = getattr(trainer, "progress_bar_callback", None) if trainer is not None else None
+    if bar is not None and getattr(bar, "is_enabled", False):
+        bar.print(message)
+    else:
+        print(message, flush=True)
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet() -> None:
+    """Silence library noise that a qt user cannot act on (see the module docstring)."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.addFilter(_NoTips())
+        for handler in logger.handlers:
+            handler.addFilter(_NoTips())
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoTips())
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    # MLflow sets its loggers up when imported (INFO: "Creating initial MLflow database
+    # tables..."); a user's own MLFLOW_LOGGING_LEVEL wins
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # qt serves no validation batches (evaluation is a callback): Lightning's note about it
+    warnings.filterwarnings("ignore", message=r".*Total length of `\w+` across ranks is zero")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers")
+
+
+def _format(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _ui_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    base = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    # workflowType: MLflow 3's UI otherwise opens on its GenAI (traces) view
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+class Console(L.Callback):
+    """The progress bar's metrics, the run's first line and its closing summary (rank 0)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        bar = trainer.progress_bar_callback
+        if bar is not None:
+
+            def get_metrics(trainer, pl_module):  # replaces the bar's `v_num`
+                metrics = trainer.callback_metrics
+                return {
+                    short: _format(float(metrics[key]))
+                    for key, short in BAR_METRICS.items()
+                    if key in metrics
+                }
+
+            bar.get_metrics = get_metrics
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run = self._run(trainer)
+        if run is not None:
+            say(trainer, f"run {run['name']}: MLflow run {run['id']} (experiment {run['exp']}, "
+                         f"{run['uri']})")  # fmt: skip
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        lines = []
+        run = self._run(trainer)
+        if run is not None:
+            lines.append(
+                f"run       {run['name']} (MLflow run {run['id']}, experiment {run['exp']})"
+            )
+        best, last = None, None
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "monitor", None):
+                best = cb if cb.best_model_path else best
+            else:  # without a monitor, the kept file is the latest one (last.ckpt)
+                last = cb.last_model_path or cb.best_model_path or last
+        if best is not None and best.best_model_score is not None:
+            from qt.callbacks.evaluation import Evaluation
+
+            at = [cb.best_iteration for cb in trainer.callbacks if isinstance(cb, Evaluation)]
+            where = f" (iteration {at[0]})" if at and at[0] else ""
+            lines.append(f"best      {best.monitor} {_format(float(best.best_model_score))}"
+                         f"{where}: {best.best_model_path}")  # fmt: skip
+        if last:
+            resume = f"--ckpt_path run:{run['id']}" if run is not None else "--ckpt_path last"
+            lines.append(f"last      {last} (continue with {resume})")
+        if run is not None:
+            if run["uri"].startswith("http"):
+                lines.append(f"open      {_ui_url(run['uri'], run['exp_id'], run['id'])}")
+            else:
+                lines.append(
+                    f"open      make ui (or mlflow ui --backend-store-uri {run['uri']}), then "
+                    f"{_ui_url(run['uri'], run['exp_id'], run['id'])}"
+                )
+        if lines:
+            say(trainer, "\n".join(lines))
+
+    @staticmethod
+    def _run(trainer: L.Trainer) -> dict | None:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                client = logger.experiment
+                info = client.get_run(logger.run_id).info
+                exp = client.get_experiment(info.experiment_id)
+                return {"id": info.run_id, "name": info.run_name, "exp": exp.name,
+                        "exp_id": info.experiment_id, "uri": logger._tracking_uri}  # fmt: skip
+        return None
+
+
+__all__ = ["BAR_METRICS", "Console", "quiet", "say"]
