@@ -15,7 +15,8 @@ import yaml
 from qt.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# every fit config (study files, configs/studies/, are checked by tests/test_study.py)
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "studies" not in p.parts)
 TASK_CONFIGS = sorted((ROOT / "configs" / "d4rl").glob("*.yaml"))
 
 
