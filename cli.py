@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from qt.callbacks.console import quiet
 from qt.callbacks.evaluation import Evaluation
+from qt.callbacks.targets import TargetNetworks
 from qt.checkpointing import CheckpointError, load_checkpoint
 from qt.data.datamodule import QTDataModule
 from qt.errors import UserError, report
@@ -72,6 +73,8 @@ class QTCLI(LightningCLI):
         # The Evaluation callback is always there and set on its own (`evaluation:` in a config,
         # `--evaluation.num_eval_episodes 5`), so a config changes one number, not the list.
         parser.add_lightning_class_args(Evaluation, "evaluation")
+        # Likewise the target networks' schedule (`targets:`, `--targets.step_start_ema 100`).
+        parser.add_lightning_class_args(TargetNetworks, "targets")
         parser.link_arguments("data.K", "model.K", apply_on="parse")
         # One iteration (epoch) is num_steps_per_iter training steps.
         parser.link_arguments(

@@ -119,7 +119,8 @@ def test_print_config_reruns_to_the_same_result(fake_d4rl_dir, tmp_path, capsys)
     assert resolved["model"]["eta"] == 1.0 and resolved["data"]["full_windows_only"] is True
     # the subcommand read configs/base.yaml first: its callbacks and logger are there
     classes = [c["class_path"] for c in resolved["trainer"]["callbacks"]]
-    assert "qt.callbacks.targets.TargetNetworks" in classes
+    assert "qt.callbacks.artifacts.MLflowArtifacts" in classes
+    assert resolved["targets"]["step_start_ema"] == 1000
     assert resolved["trainer"]["logger"]["class_path"] == "qt.tracking.MLFlowLogger"
 
 
@@ -157,8 +158,8 @@ def test_configs_state_only_their_evaluation_numbers_and_inherit_the_rest(
     # the callback list is base.yaml's, untouched
     assert config["trainer"]["callbacks"] == base["trainer"]["callbacks"]
     classes = [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]]
-    assert classes == ["TargetNetworks", "EarlyStopping", "ModelCheckpoint", "ModelCheckpoint",
-                       "MLflowArtifacts", "SaveOnSigterm"]  # fmt: skip
+    assert classes == ["EarlyStopping", "ModelCheckpoint", "ModelCheckpoint", "MLflowArtifacts",
+                       "Console", "SaveOnSigterm"]  # fmt: skip
     # the evaluation is base.yaml's with the stated numbers changed, typed out here
     published = {"num_eval_episodes": 10, "test_episodes": 10, "eval_every_n_epochs": 1,
                  "num_envs": None, "seed": 0, "max_ep_len": None, "task": None,
@@ -168,6 +169,7 @@ def test_configs_state_only_their_evaluation_numbers_and_inherit_the_rest(
     [evaluation] = [cb for cb in callbacks if isinstance(cb, Evaluation)]
     for key, value in {**published, **changed}.items():
         assert getattr(evaluation, key) == value, key
+    # exactly one TargetNetworks callback, with the published schedule
     [targets] = [cb for cb in callbacks if isinstance(cb, TargetNetworks)]
     assert (targets.ema_decay, targets.step_start_ema, targets.update_ema_every, targets.tau) == (
         0.995, 1000, 5, 0.005,
