@@ -48,7 +48,7 @@ report: setup  ## write a study's report from MLflow: make report NAME=maze2d-um
 	@test -n "$(NAME)" || { echo "error: NAME=<study name> is required, e.g. NAME=maze2d-umaze-cpu"; exit 2; }
 	$(BIN)/python -m qt.study report $(NAME)
 
-bench: setup  ## benchmarks: sampler, training step, acting (ratios in one run)
+bench: setup  ## benchmarks: sampler (vs a per-sample loop), training step and acting (vs this machine's peak)
 	$(BIN)/python -m bench
 
 lint: setup  ## ruff lint and format check

@@ -96,6 +96,20 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.2)
 
 
+def _logged(cwd: Path, key: str) -> int:
+    """How many values of metric `key` the fit in `cwd` has sent to its MLflow store so far."""
+    import sqlite3
+
+    db = cwd / "runs" / "mlflow.db"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("select count(*) from metrics where key = ?", (key,)).fetchone()[0]
+    except sqlite3.OperationalError:  # the store is being created or migrated
+        return 0
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     ckpt = load_checkpoint(path)
     assert ckpt["state_dict"], "empty state dict"
@@ -110,8 +124,15 @@ def test_a_killed_fit_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path
     proc = subprocess.Popen(_fit_cmd(maze_file), cwd=broken, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        # kill -9 once the first iteration's checkpoint exists, mid-way through the second
-        _wait_for(lambda: _last(broken) is not None or proc.poll() is not None)
+        # kill -9 once the first iteration's checkpoint exists and its evaluation reached
+        # MLflow (Lightning sends an iteration's metrics a moment after ModelCheckpoint writes),
+        # mid-way through the second
+        _wait_for(
+            lambda: (
+                (_last(broken) is not None and _logged(broken, "eval/return_mean") >= 1)
+                or proc.poll() is not None
+            )
+        )
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
