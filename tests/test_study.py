@@ -225,6 +225,16 @@ def _running_fit_with_last_ckpt(folder: Path) -> bool:
         return any(client.get_run(c.parents[1].name).info.status == "RUNNING" for c in ckpts)
 
 
+def _assert_same_report(here: Path, whole: Path) -> None:
+    """Two studies' results folders hold the same scores and report (wall time aside)."""
+    assert json.loads((here / "scores.json").read_text()) == json.loads(
+        (whole / "scores.json").read_text()
+    )
+    assert _without_wall_time((here / "report.md").read_text()) == _without_wall_time(
+        (whole / "report.md").read_text()
+    )
+
+
 @pytest.mark.slow  # a second study of 8 fits (about a minute on 2 idle cores): make test-all
 def test_a_killed_study_resumes_to_the_same_report(tmp_path, data, uninterrupted):
     folder = tmp_path / "killed"
@@ -242,14 +252,7 @@ def test_a_killed_study_resumes_to_the_same_report(tmp_path, data, uninterrupted
 
     resumed = _run(folder, "run", str(path))
     assert "resuming fit run" in resumed.stdout
-    whole = uninterrupted[0] / "results" / "tiny"
-    here = folder / "results" / "tiny"
-    assert json.loads((here / "scores.json").read_text()) == json.loads(
-        (whole / "scores.json").read_text()
-    )
-    assert _without_wall_time((here / "report.md").read_text()) == _without_wall_time(
-        (whole / "report.md").read_text()
-    )
+    _assert_same_report(folder / "results" / "tiny", uninterrupted[0] / "results" / "tiny")
     # running it once more finds everything finished
     third = _run(folder, "run", str(path))
     assert "8 runs (2 tasks x 2 variants x 2 seeds); 8 finished" in third.stdout
@@ -263,14 +266,7 @@ def test_the_ray_backend_gives_the_same_report(tmp_path, data, uninterrupted):
     # --backend ray without an address starts a local instance: 2 workers x 1 CPU
     proc = _run(folder, "run", str(path), "--backend", "ray")
     assert "backend ray" in proc.stdout
-    whole = uninterrupted[0] / "results" / "tiny"
-    here = folder / "results" / "tiny"
-    assert json.loads((here / "scores.json").read_text()) == json.loads(
-        (whole / "scores.json").read_text()
-    )
-    assert _without_wall_time((here / "report.md").read_text()) == _without_wall_time(
-        (whole / "report.md").read_text()
-    )
+    _assert_same_report(folder / "results" / "tiny", uninterrupted[0] / "results" / "tiny")
 
 
 @pytest.mark.parametrize(
