@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
+    from qt.callbacks.console import quiet
+
+    quiet()  # no MLflow set-up lines when the demo creates the store
     t0 = time.perf_counter()
 
     hdf5 = _ensure_dataset(args.dataset_steps)

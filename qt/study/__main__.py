@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--save-dir", default="runs", help="the study's save_dir (default: runs)")
     report.add_argument("--results", default=None, help="default: the study file's (results)")
     args = parser.parse_args(argv)
+    from qt.callbacks.console import quiet
+
+    quiet()  # no MLflow set-up lines when the study opens the store
     os.environ.setdefault("MPLBACKEND", "Agg")
 
     from qt.study import report as rep
