@@ -35,6 +35,7 @@ import torch
 from qt.data.readers import Trajectories
 from qt.data.sampler import gather_segments
 from qt.data.store import TrajectoryStore
+from qt.errors import UserError, report
 
 
 def discounted_returns(rewards: np.ndarray, ends: np.ndarray, discount: float) -> np.ndarray:
@@ -203,15 +204,20 @@ def diagnose(
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """All three diagnoses of one checkpoint on the task's dataset (see the module's docstring)."""
+    from qt.checkpointing import load_checkpoint
     from qt.module import QTModule
     from qt.tasks import get_task
 
-    module = QTModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=False)
+    # the project's checked loader: weights only, one sentence for a broken file
+    saved = load_checkpoint(ckpt)
+    hparams = {k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")}
+    module = QTModule(**hparams)  # Lightning's own keys (`_instantiator`) left out
+    module.load_state_dict(saved["state_dict"])
     module.eval()
     hp = module.hparams
     store = TrajectoryStore(trajectories, scale=hp.scale)
     if store.state_dim != hp.state_dim or store.act_dim != hp.act_dim:
-        raise ValueError(
+        raise UserError(
             f"Checkpoint {ckpt} is for states/actions of size {hp.state_dim}/{hp.act_dim}; "
             f"the dataset has {store.state_dim}/{store.act_dim}: expected the task it was "
             "trained on."
@@ -260,12 +266,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from qt.data.readers import read_task
 
-    trajectories = read_task(args.task, source=args.source, path=args.data)
     reports = {}
-    for ckpt in args.ckpts:
-        reports[ckpt] = diagnose(ckpt, args.task, trajectories, args.pairs, args.windows,
-                                 args.episodes, args.seed)  # fmt: skip
-        print(format_report(ckpt, reports[ckpt]), flush=True)
+    try:
+        trajectories = read_task(args.task, source=args.source, path=args.data)
+        for ckpt in args.ckpts:
+            reports[ckpt] = diagnose(ckpt, args.task, trajectories, args.pairs, args.windows,
+                                     args.episodes, args.seed)  # fmt: skip
+            print(format_report(ckpt, reports[ckpt]), flush=True)
+    except UserError as err:  # a bad checkpoint, task or dataset: one line, exit 2
+        return report(err)
     if args.json:
         Path(args.json).write_text(json.dumps(reports, indent=1))
     return 0
