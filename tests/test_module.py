@@ -234,6 +234,41 @@ def test_same_seed_same_parameters_and_different_seed_differs():
     assert any(not torch.equal(a[n], c[n]) for n in a if n.startswith("actor."))
 
 
+@pytest.mark.parametrize("step_start_ema", [1000, 0])
+def test_critic_ignores_the_q_term_until_the_ema_actor_moves(step_start_ema):
+    """Until step_start_ema the critic bootstraps from the EMA actor's initial copy, so QT
+    (eta 5) and DT (eta 0) from one seed train the same critic and target critic while their
+    actors differ; once the EMA actor follows the actor, the critics part too."""
+    from qt.callbacks.targets import TargetNetworks
+
+    def run(eta: float) -> QTModule:
+        L.seed_everything(7)
+        module = QTModule(
+            state_dim=S, act_dim=A, K=K, max_ep_len=K, hidden_size=8, n_layer=1, n_head=2,
+            dropout=0.2, eta=eta, learning_rate=1e-2, critic_lr=1e-2,
+        )  # fmt: skip
+        logged = _Logged()
+        trainer = L.Trainer(
+            accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[logged, TargetNetworks(step_start_ema=step_start_ema, update_ema_every=1)],
+        )  # fmt: skip
+        batches = [make_batch(i) for i in range(4)]
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+        return module
+
+    qt, dt = run(5.0), run(0.0)
+    assert not torch.equal(qt.actor.predict_action[0].weight, dt.actor.predict_action[0].weight)
+    critics_equal = all(
+        torch.equal(a, b)
+        for net in ("critic", "critic_target")
+        for a, b in zip(
+            getattr(qt, net).state_dict().values(), getattr(dt, net).state_dict().values()
+        )
+    )
+    assert critics_equal == (step_start_ema >= 4)
+
+
 def test_bad_hyperparameters_are_named():
     with pytest.raises(ValueError, match="model.hidden_size=10 is not divisible by model.n_head=4"):
         QTModule(hidden_size=10, n_head=4)
