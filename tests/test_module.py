@@ -135,7 +135,9 @@ class _Logged(L.Callback):
         self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
-def fit(module: QTModule, batches: list[Segments], epochs: int = 1) -> _Logged:
+def fit(
+    module: QTModule, batches: list[Segments], epochs: int = 1, callbacks: tuple = ()
+) -> _Logged:
     logged = _Logged()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -144,7 +146,7 @@ def fit(module: QTModule, batches: list[Segments], epochs: int = 1) -> _Logged:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[logged],
+        callbacks=[logged, *callbacks],
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, loader)
@@ -247,14 +249,8 @@ def test_critic_ignores_the_q_term_until_the_ema_actor_moves(step_start_ema):
             state_dim=S, act_dim=A, K=K, max_ep_len=K, hidden_size=8, n_layer=1, n_head=2,
             dropout=0.2, eta=eta, learning_rate=1e-2, critic_lr=1e-2,
         )  # fmt: skip
-        logged = _Logged()
-        trainer = L.Trainer(
-            accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[logged, TargetNetworks(step_start_ema=step_start_ema, update_ema_every=1)],
-        )  # fmt: skip
-        batches = [make_batch(i) for i in range(4)]
-        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+        targets = TargetNetworks(step_start_ema=step_start_ema, update_ema_every=1)
+        fit(module, [make_batch(i) for i in range(4)], callbacks=(targets,))
         return module
 
     qt, dt = run(5.0), run(0.0)
