@@ -50,3 +50,35 @@ def test_tiny_fit_learns_and_is_reproducible(tmp_path):
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
+
+
+def test_evaluating_every_second_iteration_keeps_the_best_of_the_evaluated_ones(tmp_path):
+    """The project's callbacks (early stopping, the best checkpoint) wait for an evaluation
+    instead of failing on the iterations without one."""
+    ds = generate("maze2d-umaze-dense-v1", steps=2000, seed=0, ref_episodes=1, max_episode_steps=60)
+    data = write_d4rl_hdf5(ds, tmp_path / "maze2d-umaze-dense-v1.hdf5")
+    cmd = [
+        sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--data.task", "maze2d-umaze-dense-v1", "--data.path", str(data),
+        "--trainer.max_epochs", "5", "--model.max_iters", "5",
+        "--evaluation.eval_every_n_epochs", "2", "--evaluation.max_ep_len", "20",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("qt").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "eval/normalized_score")
+    scores = {m.step: m.value for m in history}
+    # iterations 2 and 4 (epochs 1 and 3) are evaluated, 1, 3 and 5 are not
+    epochs = sorted(round(m.value) for m in client.get_metric_history(run.info.run_id, "epoch")
+                    if m.step in scores)  # fmt: skip
+    assert len(scores) == 2 and set(epochs) <= {1, 3}, (scores, epochs)
+    [best] = (tmp_path / "runs").glob("*/*/checkpoints/best-epoch=*.ckpt")
+    best_epoch = int(best.stem.split("=")[1])
+    step_of_best = max(scores, key=scores.get)
+    assert best_epoch in (1, 3)
+    # metrics are logged at the iteration's last step index, the checkpoint counts steps done
+    assert int(load_checkpoint(best)["state_dict"]["train_steps"]) == step_of_best + 1

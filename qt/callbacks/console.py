@@ -62,6 +62,8 @@ def quiet() -> None:
     # qt serves no validation batches (evaluation is a callback): Lightning's note about it
     warnings.filterwarnings("ignore", message=r".*Total length of `\w+` across ranks is zero")
     warnings.filterwarnings("ignore", message=r".*does not have many workers")
+    # iterations without an evaluation (eval_every_n_epochs > 1): the checkpoint waits for one
+    warnings.filterwarnings("ignore", message=r".*could not find the monitored key")
 
 
 def _format(value: float) -> str:
