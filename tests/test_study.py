@@ -236,6 +236,23 @@ def _assert_same_report(here: Path, whole: Path) -> None:
 
 
 @pytest.mark.slow  # a second study of 8 fits (about a minute on 2 idle cores): make test-all
+def test_the_fits_start_seed_by_seed(uninterrupted):
+    """Every variant and task of one seed starts before the next seed: a study stopped part-way
+    leaves seeds paired across variants."""
+    folder, _ = uninterrupted
+    client = _client(folder)
+    exp = client.get_experiment_by_name("study-tiny")
+    fits = [
+        r for r in client.search_runs([exp.experiment_id], max_results=1000)
+        if r.data.tags.get("qt.study.kind") == "fit"
+    ]  # fmt: skip
+    order = [int(r.data.tags["seed"]) for r in sorted(fits, key=lambda r: r.info.start_time)]
+    # two workers: the first two fits start together, as do the last two; variant by variant
+    # (the file's order) would start qt seeds 0 and 1 first
+    assert sorted(order) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert order[:2] == [0, 0] and order[-2:] == [1, 1], order
+
+
 def test_a_killed_study_resumes_to_the_same_report(tmp_path, data, uninterrupted):
     folder = tmp_path / "killed"
     path = _write(folder, _study(data))

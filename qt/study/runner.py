@@ -98,7 +98,9 @@ def _spec(study: Study, state: rep.JobState, experiment_id: str, parent_id: str)
 
 def _plan(study: Study, client, experiment_id: str) -> list[rep.JobState]:
     states = rep.job_states(client, experiment_id, study)
-    return [s for s in states if not s.done]
+    # Seed by seed (each seed's variants side by side): a study stopped part-way leaves whole
+    # seeds, paired across variants, rather than every seed of the first variant alone.
+    return sorted((s for s in states if not s.done), key=lambda s: study.seeds.index(s.job.seed))
 
 
 # ---------------------------------------------------------------------------- progress
