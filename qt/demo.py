@@ -3,7 +3,9 @@
 1. Generates the maze2d-umaze dataset by the D4RL protocol (1M steps, under a minute), or
    reuses it: a Minari dataset and its D4RL hdf5 twin in qt's data root ($QT_DATA_DIR, else ./data).
 2. Trains QT (configs/demo.yaml) and the DT baseline (`eta 0`, `rtg_no_q`, `infer_no_q`) side
-   by side, one process and one thread each, with `cli.py fit`; both log to MLflow.
+   by side, one process and one thread each, with `cli.py fit`; both log to MLflow. Both are
+   evaluated after every second iteration (`--eval-every`): QT's acting runs the transformer
+   on 50 return-to-go candidates per step, and its evaluations are most of the demo's time.
 3. Tests each best checkpoint with `cli.py test` and prints a table: the dataset's average
    return, the evaluation episodes' returns and lengths, the normalised scores, and where the
    MLflow runs are.
@@ -90,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="default: configs/demo.yaml")
     parser.add_argument("--steps-per-epoch", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--eval-every", type=int, default=2, help="evaluate after every n-th iteration (default 2)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
     from qt.callbacks.console import quiet
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         str(hdf5),
         "--seed_everything",
         str(args.seed),
+        "--evaluation.eval_every_n_epochs",
+        str(args.eval_every),
     ]
     if args.epochs is not None:
         common += ["--trainer.max_epochs", str(args.epochs), "--model.max_iters", str(args.epochs)]
