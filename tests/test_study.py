@@ -235,7 +235,6 @@ def _assert_same_report(here: Path, whole: Path) -> None:
     )
 
 
-@pytest.mark.slow  # a second study of 8 fits (about a minute on 2 idle cores): make test-all
 def test_the_fits_start_seed_by_seed(uninterrupted):
     """Every variant and task of one seed starts before the next seed: a study stopped part-way
     leaves seeds paired across variants."""
@@ -253,6 +252,7 @@ def test_the_fits_start_seed_by_seed(uninterrupted):
     assert order[:2] == [0, 0] and order[-2:] == [1, 1], order
 
 
+@pytest.mark.slow  # a second study of 8 fits (about a minute on 2 idle cores): make test-all
 def test_a_killed_study_resumes_to_the_same_report(tmp_path, data, uninterrupted):
     folder = tmp_path / "killed"
     path = _write(folder, _study(data))
