@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal
 
+import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
@@ -87,6 +89,15 @@ class QTCLI(LightningCLI):
             help="cli.py test/validate: evaluation episodes (sets Evaluation.test_episodes; "
             "10 by default, 100 for final numbers).",
         )
+        parser.add_argument(
+            "--float32_matmul_precision",
+            type=Literal["highest", "high", "medium"],
+            default="highest",
+            help="torch.set_float32_matmul_precision for the run: 'highest' is full fp32 (the "
+            "published runs); 'high' lets CUDA's tensor cores multiply in TF32 (several times "
+            "the fp32 rate on Ampere and later GPUs), 'medium' in bf16. Float32 matrix products only; "
+            "trainer.precision is separate.",
+        )
         for name in ("state_dim", "act_dim", "max_ep_len", "scale"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
         for name in ("state_mean", "state_std", "env_targets"):
@@ -95,9 +106,10 @@ class QTCLI(LightningCLI):
             )
 
     def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config)
+        torch.set_float32_matmul_precision(config.get("float32_matmul_precision") or "highest")
         # Name and tag the MLflow run by task, variant and seed (qt.tracking.run_tags); a name
         # or tags the config gives win, except qt's identity tags, which `last` searches by.
-        config = self.config.get(self.subcommand, self.config)
         logger = config.get("trainer", {}).get("logger")
         if not (isinstance(logger, dict) or hasattr(logger, "init_args")):
             return

@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from qt.tasks import get_task
@@ -186,3 +187,26 @@ def test_evaluation_numbers_are_set_alone_on_the_command_line(fake_d4rl_dir):
                 "--evaluation.test_episodes", "7"])  # fmt: skip
     [evaluation] = [cb for cb in cli.trainer.callbacks if isinstance(cb, Evaluation)]
     assert (evaluation.num_eval_episodes, evaluation.test_episodes) == (5, 7)
+
+
+@pytest.mark.parametrize("given", [None, "high", "medium", "highest"])
+def test_float32_matmul_precision_is_set_from_the_config(fake_d4rl_dir, given):
+    task = get_task("maze2d-umaze-v1")
+    _write_fake_d4rl(fake_d4rl_dir / task.dataset_file, task.state_dim, task.act_dim)
+    before = torch.get_float32_matmul_precision()
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--trainer.logger", "false",
+            "--data.path", str(fake_d4rl_dir / task.dataset_file)]  # fmt: skip
+    # start from a setting that differs from the one expected, so a no-op cannot pass
+    expected = given or "highest"
+    torch.set_float32_matmul_precision("medium" if expected != "medium" else "highest")
+    try:
+        _cli(args + (["--float32_matmul_precision", given] if given else []))
+        assert torch.get_float32_matmul_precision() == expected
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_an_unknown_float32_matmul_precision_is_refused(fake_d4rl_dir, capsys):
+    with pytest.raises(SystemExit):
+        _cli(["--config", str(ROOT / "configs" / "tiny.yaml"), "--float32_matmul_precision", "tf32"])
+    assert "float32_matmul_precision" in capsys.readouterr().err
