@@ -208,5 +208,7 @@ def test_float32_matmul_precision_is_set_from_the_config(fake_d4rl_dir, given):
 
 def test_an_unknown_float32_matmul_precision_is_refused(fake_d4rl_dir, capsys):
     with pytest.raises(SystemExit):
-        _cli(["--config", str(ROOT / "configs" / "tiny.yaml"), "--float32_matmul_precision", "tf32"])
+        _cli(
+            ["--config", str(ROOT / "configs" / "tiny.yaml"), "--float32_matmul_precision", "tf32"]
+        )
     assert "float32_matmul_precision" in capsys.readouterr().err
