@@ -86,13 +86,15 @@ def eval_history(client, run) -> tuple[np.ndarray, np.ndarray]:
 
     A resumed fit may log an iteration twice (killed after its evaluation was logged, before
     its last.ckpt was written); both values are the same, and the later one is kept.
-    Training steps = (epoch + 1) x num_steps_per_iter, with the epoch logged at the same step.
+    Training steps = (epoch + 1) x num_steps_per_iter, with the epoch logged at the same step;
+    an iteration cut short (`trainer.max_time`) is evaluated where it stopped, which the
+    metric's own step (steps trained - 1) gives.
     """
     scores = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval/normalized_score"), key=lambda m: m.timestamp)}  # fmt: skip
     epochs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch")}
     per_iter = int(run.data.params["config.data.num_steps_per_iter"])
     steps = sorted(scores)
-    x = np.array([(int(epochs[s]) + 1) * per_iter for s in steps], dtype=float)
+    x = np.array([min((int(epochs[s]) + 1) * per_iter, s + 1) for s in steps], dtype=float)
     return x, np.array([scores[s] for s in steps], dtype=float)
 
 
@@ -188,7 +190,9 @@ class Report:
             if n:
                 curves = np.stack([r.curve[:n] for r in rs])[:, None, :]  # seeds x 1 x points
                 point, bounds = interval(curves, _curve_mean, reps)
-                self.curves[task, variant] = (rs[0].steps[:n], point, bounds[0], bounds[1])
+                # the seeds' iterations end at the same step, except one cut short by max_time
+                x = np.mean([r.steps[:n] for r in rs], axis=0)
+                self.curves[task, variant] = (x, point, bounds[0], bounds[1])
         if self.missing:
             return self  # aggregates need every (task, variant, seed)
         tasks, seeds = list(self.study.tasks), self.study.seeds
@@ -213,12 +217,20 @@ class Report:
                 continue
             p = ps[0]
             steps = int(p["config.trainer.max_epochs"]) * int(p["config.data.num_steps_per_iter"])
+            timed = p.get("config.trainer.max_time", "None") != "None"
             text = (
-                f"{steps:,} training steps ({p['config.trainer.max_epochs']} iterations x "
+                f"{'at most ' if timed else ''}{steps:,} training steps "
+                f"({p['config.trainer.max_epochs']} iterations x "
                 f"{p['config.data.num_steps_per_iter']}), batch {p['config.data.batch_size']}, "
                 f"width {p['config.model.hidden_size']}, {p['config.model.n_layer']} layers, "
                 f"{p['config.model.n_head']} heads, context K {p['config.data.K']}"
             )
+            if timed:
+                reached = [int(r.steps[-1]) for r in self.results if r.job.variant == variant]
+                text += (
+                    f"; stopped by trainer.max_time {p['config.trainer.max_time']} after "
+                    f"{min(reached):,} to {max(reached):,} steps"
+                )
             lines.setdefault(text, []).append(variant)
         if len(lines) == 1:
             return [f"Budget: {next(iter(lines))}."]

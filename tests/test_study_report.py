@@ -1,0 +1,76 @@
+"""The study report's reading of fits stopped by `trainer.max_time` mid-iteration: the steps
+of each evaluation from the MLflow histories, and the budget line, against values written out
+here, without running a fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from qt.study import report as rep
+from qt.study.spec import load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fit_run(client, experiment_id: str, evals: list[tuple[int, int, float]], per_iter: int):
+    """A fit run as Lightning logs it: per evaluation (MLflow step, epoch, score)."""
+    run = client.create_run(experiment_id)
+    rid = run.info.run_id
+    client.log_param(rid, "config.data.num_steps_per_iter", per_iter)
+    for step, epoch, score in evals:
+        client.log_metric(rid, "eval/normalized_score", score, step=step)
+        client.log_metric(rid, "epoch", epoch, step=step)
+    client.set_terminated(rid)
+    return client.get_run(rid)
+
+
+def test_an_iteration_cut_short_is_placed_at_the_steps_it_trained(tmp_path):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    # three whole iterations of 1000 steps, then a fourth stopped after 741 of its steps
+    evals = [(999, 0, -20.0), (1999, 1, 10.0), (2999, 2, 30.0), (3740, 3, 48.5)]
+    steps, scores = rep.eval_history(client, _fit_run(client, exp, evals, 1000))
+    np.testing.assert_array_equal(steps, [1000, 2000, 3000, 3741])
+    np.testing.assert_array_equal(scores, [-20.0, 10.0, 30.0, 48.5])
+    # whole iterations only: the steps are (epoch + 1) x num_steps_per_iter
+    steps, _ = rep.eval_history(client, _fit_run(client, exp, [(9, 0, 1.0), (19, 1, 2.0)], 10))
+    np.testing.assert_array_equal(steps, [10, 20])
+
+
+def _result(job, steps: list[int], max_time: str) -> rep.Result:
+    params = {
+        "config.trainer.max_epochs": "51", "config.data.num_steps_per_iter": "1000",
+        "config.data.batch_size": "256", "config.model.hidden_size": "256",
+        "config.model.n_layer": "4", "config.model.n_head": "4", "config.data.K": "20",
+        "config.trainer.max_time": max_time,
+    }  # fmt: skip
+    x = np.array(steps, dtype=float)
+    return rep.Result(job=job, best=0.0, last=0.0, test=0.0, steps=x, curve=np.zeros(len(x)),
+                      params=params, seconds=1.0, start_ms=0, end_ms=1)  # fmt: skip
+
+
+def test_the_budget_says_where_max_time_stopped_each_variant():
+    study = load_study(ROOT / "configs" / "studies" / "maze2d-umaze-gpu.yaml", check=False)
+    jobs = study.jobs()
+    ends = {("qt", 0): 3741, ("qt", 1): 3656, ("dt", 0): 3836, ("dt", 1): 3871}
+    results = [
+        _result(j, [1000, 2000, 3000, ends[j.variant, j.seed]], "00:00:07:00")
+        for j in jobs
+        if j.seed in (0, 1)
+    ]
+    lines = rep.Report(study, results, missing=[]).budget()
+    shape = "(51 iterations x 1000), batch 256, width 256, 4 layers, 4 heads, context K 20"
+    assert lines == [
+        f"Budget of qt: at most 51,000 training steps {shape}; stopped by trainer.max_time "
+        "00:00:07:00 after 3,656 to 3,741 steps.",
+        f"Budget of dt: at most 51,000 training steps {shape}; stopped by trainer.max_time "
+        "00:00:07:00 after 3,836 to 3,871 steps.",
+    ]
+    # without max_time, the configured budget alone, one line for both variants
+    results = [_result(j, [1000, 2000, 3000], "None") for j in jobs if j.seed == 0]
+    assert rep.Report(study, results, missing=[]).budget() == [
+        f"Budget: 51,000 training steps {shape}."
+    ]
