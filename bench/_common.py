@@ -129,12 +129,17 @@ def critic_flops(rows: int, S: int, A: int, d: int) -> dict[str, int]:
     return {"first": first, "rest": rest}
 
 
-def train_step_flops(B: int, K: int, S: int, A: int, d: int, n_layer: int) -> int:
+def train_step_flops(
+    B: int, K: int, S: int, A: int, d: int, n_layer: int, recompute_scores: bool = False
+) -> int:
     """FLOPs of one QT training step (k_rewards, no max_q_backup), written out by hand.
 
     Backward of a dense layer costs one matmul for the weight gradient and one for the input
     gradient, the latter skipped where the input is data; attention backward is two matmuls
-    per forward matmul.
+    per forward matmul. `recompute_scores`: the fused attention backward on CUDA recomputes
+    q k^T first (half the forward's attention FLOPs more), and torch's counter counts it (on an
+    H200 at the published size: 416.30 counted against 414.41 GFLOP without it, the gap exactly
+    that half).
     """
     actor = actor_flops(B, K, S, A, d, n_layer)
     a_fwd = sum(actor.values())
@@ -144,6 +149,8 @@ def train_step_flops(B: int, K: int, S: int, A: int, d: int, n_layer: int) -> in
     critic = c_fwd + c_fwd + critic_all["rest"]  # forward, weight grads, input grads past layer 1
     targets = a_fwd + sum(critic_last.values())  # EMA actor, target critic at the last step
     actor_step = a_fwd + a_lin + (a_lin - actor["embed"]) + 2 * actor["attention"]
+    if recompute_scores:
+        actor_step += actor["attention"] // 2
     # the frozen critic on the actor's actions: forward of both twins, input gradients through
     # the one in the numerator of the Q term only (the other's mean is detached)
     q_term = c_fwd + c_fwd // 2

@@ -10,8 +10,9 @@ by hand (`bench._common.train_step_flops`) and one from the matmul shapes the st
 is this machine's rate at those same shapes and dtypes: the step's matmul FLOPs over the time
 its matmuls take when each distinct shape runs alone at its fastest, measured in this run with
 the same threads (`bench._common.peak_rate`).
-`python -m bench train_step [--steps N]`; set QT_BENCH_DEVICE=cuda (and
-QT_BENCH_PRECISION=bf16-mixed) on a GPU machine.
+`python -m bench train_step [--steps N] [--size cpu|published]`; set QT_BENCH_DEVICE=cuda (and
+QT_BENCH_PRECISION=bf16-mixed, or QT_BENCH_MATMUL=high for TF32 float32 matmuls, as
+cli.py's float32_matmul_precision) on a GPU machine.
 """
 
 from __future__ import annotations
@@ -97,9 +98,12 @@ def flops_per_step(size: str, device: str, precision: str) -> tuple[int, list]:
     counted, shapes, model = counted_flops(lambda: _fit(size, 1, device, precision, []))
     by_hand = train_step_flops(
         cfg["batch_size"], K, model.hparams.state_dim, model.hparams.act_dim,
-        cfg["hidden_size"], cfg["n_layer"],
+        cfg["hidden_size"], cfg["n_layer"], recompute_scores=device == "cuda",
     )  # fmt: skip
-    for name, other in (("by hand", by_hand), ("from the matmul shapes", shape_flops(shapes))):
+    checks = [("by hand", by_hand)]
+    if device != "cuda":  # CUDA's fused attention runs no matmul that the shape recorder sees
+        checks.append(("from the matmul shapes", shape_flops(shapes)))
+    for name, other in checks:
         if abs(counted - other) > 1e-3 * counted:
             raise SystemExit(
                 f"train_step {size}: FlopCounterMode counts {counted} FLOPs per step, the count "
@@ -111,12 +115,15 @@ def flops_per_step(size: str, device: str, precision: str) -> tuple[int, list]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench train_step")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per size")
+    parser.add_argument("--size", choices=sorted(SIZES), action="append", help="(default: both)")
     args, _ = parser.parse_known_args(argv if argv is not None else [])
     keep_freed_memory()  # as cli.py does
     device = os.environ.get("QT_BENCH_DEVICE", "cpu")
     precision = os.environ.get("QT_BENCH_PRECISION", "32-true")
+    matmul = os.environ.get("QT_BENCH_MATMUL", "highest")
+    torch.set_float32_matmul_precision(matmul)
     rows = []
-    for size in ("cpu", "published"):
+    for size in args.size or ("cpu", "published"):
         cfg = SIZES[size]
         steps = args.steps or (30 if size == "cpu" else 6)
         if device == "cuda":
@@ -128,10 +135,11 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((size, str(cfg), f"{sec * 1e3:.0f}", f"{1 / sec:.2f}", gflops(counted),
                      gflops(achieved), len(set(shapes)), gflops(peak),
                      f"{100 * achieved / peak:.0f}%"))  # fmt: skip
-    print(f"device {device}, precision {precision}, torch threads {torch.get_num_threads()}. "
+    print(f"device {device}, precision {precision}, float32 matmul {matmul}, torch threads {torch.get_num_threads()}. "
           "GFLOP per step: matmuls and attention of every forward and backward, counted by "
-          "torch's FlopCounterMode, by hand and from the shapes (equal to 0.1%). Peak: the step's "
-          "matmul shapes, each timed alone at its fastest in this run.")  # fmt: skip
+          "torch's FlopCounterMode, by hand and (on the CPU) from the shapes (equal to 0.1%). "
+          "Peak: the step's matmul shapes, each timed alone at its fastest in this run (on CUDA "
+          "without the fused attention's).")  # fmt: skip
     print(table(rows, ("size", "settings", "ms/step", "steps/s", "GFLOP/step", "GFLOP/s",
                        "matmul shapes", "peak GFLOP/s", "of peak")))  # fmt: skip
 
