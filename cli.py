@@ -94,9 +94,8 @@ class QTCLI(LightningCLI):
             type=Literal["highest", "high", "medium"],
             default="highest",
             help="torch.set_float32_matmul_precision for the run: 'highest' is full fp32 (the "
-            "published runs); 'high' lets CUDA's tensor cores multiply in TF32 (several times "
-            "the fp32 rate on Ampere and later GPUs), 'medium' in bf16. Float32 matrix products only; "
-            "trainer.precision is separate.",
+            "published runs); 'high' lets a GPU's tensor cores multiply float32 matrices in "
+            "TF32, 'medium' in bf16. Matrix products only; trainer.precision is separate.",
         )
         for name in ("state_dim", "act_dim", "max_ep_len", "scale"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
