@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import torch
 
 from qt.checkpointing import load_checkpoint
@@ -18,18 +19,23 @@ from qt.datagen.writers import write_d4rl_hdf5
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fit(data: Path, cwd: Path, seed: int) -> tuple[dict, dict]:
-    cwd.mkdir()
-    cmd = [
-        sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
-        "--data.path", str(data), "--seed_everything", str(seed), "--trainer.max_epochs", "3",
-        "--model.max_iters", "3", "--data.num_steps_per_iter", "100", "--data.batch_size", "16",
-        "--model.hidden_size", "32", "--model.learning_rate", "1e-3",
-        "--trainer.callbacks+=tests.support.probe.MetricsProbe",
-    ]  # fmt: skip
-    env = dict(os.environ, QT_PROBE_DIR=str(cwd), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+def _cli_fit(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`cli.py fit --config configs/tiny.yaml ARGS` in folder `cwd`, one thread; it must pass."""
+    cmd = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs" / "tiny.yaml"), *args]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env)
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _fit(data: Path, cwd: Path, seed: int) -> tuple[dict, dict]:
+    cwd.mkdir()
+    _cli_fit(
+        cwd, "--data.path", str(data), "--seed_everything", str(seed), "--trainer.max_epochs", "3",
+        "--model.max_iters", "3", "--data.num_steps_per_iter", "100", "--data.batch_size", "16",
+        "--model.hidden_size", "32", "--model.learning_rate", "1e-3",
+        "--trainer.callbacks+=tests.support.probe.MetricsProbe", QT_PROBE_DIR=str(cwd),
+    )  # fmt: skip
     [last] = cwd.glob("runs/*/*/checkpoints/last.ckpt")
     return load_checkpoint(last)["state_dict"], torch.load(cwd / "metrics.pt", weights_only=True)
 
@@ -57,16 +63,11 @@ def test_evaluating_every_second_iteration_keeps_the_best_of_the_evaluated_ones(
     instead of failing on the iterations without one."""
     ds = generate("maze2d-umaze-dense-v1", steps=2000, seed=0, ref_episodes=1, max_episode_steps=60)
     data = write_d4rl_hdf5(ds, tmp_path / "maze2d-umaze-dense-v1.hdf5")
-    cmd = [
-        sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
-        "--data.task", "maze2d-umaze-dense-v1", "--data.path", str(data),
+    _cli_fit(
+        tmp_path, "--data.task", "maze2d-umaze-dense-v1", "--data.path", str(data),
         "--trainer.max_epochs", "5", "--model.max_iters", "5",
         "--evaluation.eval_every_n_epochs", "2", "--evaluation.max_ep_len", "20",
-    ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    import mlflow
+    )  # fmt: skip
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("qt").experiment_id])
@@ -82,3 +83,25 @@ def test_evaluating_every_second_iteration_keeps_the_best_of_the_evaluated_ones(
     assert best_epoch in (1, 3)
     # metrics are logged at the iteration's last step index, the checkpoint counts steps done
     assert int(load_checkpoint(best)["state_dict"]["train_steps"]) == step_of_best + 1
+
+
+def test_a_fit_stopped_by_max_time_evaluates_where_it_stopped(tmp_path):
+    """`trainer.max_time` ends a fit mid-iteration (the GPU study's budget); that iteration is
+    evaluated and checkpointed at the steps it trained, and the study report reads it there."""
+    from qt.study.report import eval_history
+
+    ds = generate("maze2d-umaze-dense-v1", steps=2000, seed=0, ref_episodes=1, max_episode_steps=60)
+    data = write_d4rl_hdf5(ds, tmp_path / "maze2d-umaze-dense-v1.hdf5")
+    # an iteration of 10^6 steps cannot end within 3 seconds: the stop falls inside the first
+    _cli_fit(
+        tmp_path, "--data.task", "maze2d-umaze-dense-v1", "--data.path", str(data),
+        "--data.num_steps_per_iter", "1000000", "--trainer.max_time", "00:00:00:03",
+        "--evaluation.max_ep_len", "20",
+    )  # fmt: skip
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("qt").experiment_id])
+    [best] = (tmp_path / "runs").glob("*/*/checkpoints/best-epoch=0.ckpt")
+    trained = int(load_checkpoint(best)["state_dict"]["train_steps"])
+    assert 0 < trained < 1_000_000
+    steps, scores = eval_history(client, run)
+    assert steps.tolist() == [trained] and len(scores) == 1
