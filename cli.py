@@ -95,7 +95,8 @@ class QTCLI(LightningCLI):
             default="highest",
             help="torch.set_float32_matmul_precision for the run: 'highest' is full fp32 (the "
             "published runs); 'high' lets a GPU's tensor cores multiply float32 matrices in "
-            "TF32, 'medium' in bf16. Matrix products only; trainer.precision is separate.",
+            "TF32, 'medium' in bf16. Set for every run, so an unset option means 'highest'. "
+            "Matrix products only; trainer.precision is separate.",
         )
         for name in ("state_dim", "act_dim", "max_ep_len", "scale"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")

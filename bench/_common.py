@@ -136,10 +136,11 @@ def train_step_flops(
 
     Backward of a dense layer costs one matmul for the weight gradient and one for the input
     gradient, the latter skipped where the input is data; attention backward is two matmuls
-    per forward matmul. `recompute_scores`: the fused attention backward on CUDA recomputes
-    q k^T first (half the forward's attention FLOPs more), and torch's counter counts it (on an
-    H200 at the published size: 416.30 counted against 414.41 GFLOP without it, the gap exactly
-    that half).
+    per forward matmul. `recompute_scores`: torch's fused attention backward recomputes q k^T
+    first (half the forward's attention FLOPs more), and torch's counter counts it. The actor
+    trains through that kernel on CUDA; on the CPU, with dropout, it writes attention out as
+    matmuls, whose backward recomputes nothing (on an H200 at the published size: 416.30 GFLOP
+    counted against 414.41 by hand without the recompute, the gap exactly that half).
     """
     actor = actor_flops(B, K, S, A, d, n_layer)
     a_fwd = sum(actor.values())

@@ -160,6 +160,11 @@ def test_a_killed_fit_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path
     assert len(runs) == 1
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "eval/return_mean")]
     assert len(steps) == 3
+    # logged at steps trained - 1 across the resume, where the study report places them
+    from qt.study.report import eval_history
+
+    assert sorted(steps) == [9, 19, 29]
+    assert eval_history(client, runs[0])[0].tolist() == [10, 20, 30]
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, maze_file):

@@ -64,10 +64,15 @@ def test_the_budget_says_where_max_time_stopped_each_variant():
     lines = rep.Report(study, results, missing=[]).budget()
     shape = "(51 iterations x 1000), batch 256, width 256, 4 layers, 4 heads, context K 20"
     assert lines == [
-        f"Budget of qt: at most 51,000 training steps {shape}; stopped by trainer.max_time "
-        "00:00:07:00 after 3,656 to 3,741 steps.",
-        f"Budget of dt: at most 51,000 training steps {shape}; stopped by trainer.max_time "
-        "00:00:07:00 after 3,836 to 3,871 steps.",
+        f"Budget of qt: at most 51,000 training steps {shape}; trainer.max_time 00:00:07:00, "
+        "last evaluated at 3,656 to 3,741 steps.",
+        f"Budget of dt: at most 51,000 training steps {shape}; trainer.max_time 00:00:07:00, "
+        "last evaluated at 3,836 to 3,871 steps.",
+    ]
+    # a time limit the fits never reached
+    results = [_result(j, [25_000, 51_000], "01:00:00:00") for j in jobs if j.seed == 0]
+    assert rep.Report(study, results, missing=[]).budget() == [
+        f"Budget: at most 51,000 training steps {shape}; trainer.max_time 01:00:00:00 not reached."
     ]
     # without max_time, the configured budget alone, one line for both variants
     results = [_result(j, [1000, 2000, 3000], "None") for j in jobs if j.seed == 0]

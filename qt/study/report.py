@@ -190,7 +190,9 @@ class Report:
             if n:
                 curves = np.stack([r.curve[:n] for r in rs])[:, None, :]  # seeds x 1 x points
                 point, bounds = interval(curves, _curve_mean, reps)
-                # the seeds' iterations end at the same step, except one cut short by max_time
+                # point i is each seed's i-th evaluation, placed at the seeds' mean step: the
+                # same step for whole iterations; where max_time cut fits short at different
+                # iterations, a partial iteration can share a point with a whole one
                 x = np.mean([r.steps[:n] for r in rs], axis=0)
                 self.curves[task, variant] = (x, point, bounds[0], bounds[1])
         if self.missing:
@@ -225,12 +227,15 @@ class Report:
                 f"width {p['config.model.hidden_size']}, {p['config.model.n_layer']} layers, "
                 f"{p['config.model.n_head']} heads, context K {p['config.data.K']}"
             )
-            if timed:
+            if timed:  # where the fits stopped, as far as their last evaluations tell
                 reached = [int(r.steps[-1]) for r in self.results if r.job.variant == variant]
-                text += (
-                    f"; stopped by trainer.max_time {p['config.trainer.max_time']} after "
-                    f"{min(reached):,} to {max(reached):,} steps"
-                )
+                limit = f"trainer.max_time {p['config.trainer.max_time']}"
+                if max(reached) < steps:
+                    text += (
+                        f"; {limit}, last evaluated at {min(reached):,} to {max(reached):,} steps"
+                    )
+                else:
+                    text += f"; {limit} not reached"
             lines.setdefault(text, []).append(variant)
         if len(lines) == 1:
             return [f"Budget: {next(iter(lines))}."]
