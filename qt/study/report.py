@@ -86,16 +86,13 @@ def eval_history(client, run) -> tuple[np.ndarray, np.ndarray]:
 
     A resumed fit may log an iteration twice (killed after its evaluation was logged, before
     its last.ckpt was written); both values are the same, and the later one is kept.
-    Training steps = (epoch + 1) x num_steps_per_iter, with the epoch logged at the same step;
-    an iteration cut short (`trainer.max_time`) is evaluated where it stopped, which the
-    metric's own step (steps trained - 1) gives.
+    An evaluation is logged at step = steps trained - 1, at the end of a whole iteration, of one
+    cut short by `trainer.max_time`, and across a resume alike (tests/test_fit.py,
+    tests/test_faults.py pin this), so the metric's own step gives the training steps.
     """
     scores = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval/normalized_score"), key=lambda m: m.timestamp)}  # fmt: skip
-    epochs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch")}
-    per_iter = int(run.data.params["config.data.num_steps_per_iter"])
     steps = sorted(scores)
-    x = np.array([min((int(epochs[s]) + 1) * per_iter, s + 1) for s in steps], dtype=float)
-    return x, np.array([scores[s] for s in steps], dtype=float)
+    return np.array(steps, dtype=float) + 1, np.array([scores[s] for s in steps], dtype=float)
 
 
 @dataclass
@@ -214,10 +211,10 @@ class Report:
     def budget(self) -> list[str]:
         lines = {}
         for variant in self.study.variants:
-            ps = [r.params for r in self.results if r.job.variant == variant]
-            if not ps:
+            mine = [r for r in self.results if r.job.variant == variant]
+            if not mine:
                 continue
-            p = ps[0]
+            p = mine[0].params
             steps = int(p["config.trainer.max_epochs"]) * int(p["config.data.num_steps_per_iter"])
             timed = p.get("config.trainer.max_time", "None") != "None"
             text = (
@@ -228,7 +225,7 @@ class Report:
                 f"{p['config.model.n_head']} heads, context K {p['config.data.K']}"
             )
             if timed:  # where the fits stopped, as far as their last evaluations tell
-                reached = [int(r.steps[-1]) for r in self.results if r.job.variant == variant]
+                reached = [int(r.steps[-1]) for r in mine]
                 limit = f"trainer.max_time {p['config.trainer.max_time']}"
                 if max(reached) < steps:
                     text += (
