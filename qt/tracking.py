@@ -138,7 +138,13 @@ class MLFlowLogger(_MLFlowLogger):
                     self._experiment_id = open_experiment(
                         self._mlflow_client, self._experiment_name, self._artifact_location
                     )
-                return super().experiment
+                reopened = self._run_id is not None
+                client = super().experiment
+                if reopened and client.get_run(self._run_id).info.status != "RUNNING":
+                    # a resumed fit continues a run that its interruption ended (FAILED or
+                    # KILLED): it is running again until this fit ends it
+                    client.update_run(self._run_id, status="RUNNING")
+                return client
         finally:
             if before is None:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -176,3 +176,32 @@ def test_last_resumes_the_run_of_the_same_variant_and_leaves_the_other_untouched
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(_snapshot(client, dt_id)[4]) == 3
+
+
+@pytest.mark.parametrize("ended", ["FAILED", "KILLED", "FINISHED"])
+def test_a_reopened_run_is_running_again_until_the_fit_ends_it(tmp_path, ended):
+    """A resumed fit (`--ckpt_path last` hands the logger the run's id) marks the run RUNNING
+    while it trains, whatever its interruption left (SIGTERM: FAILED; a study: KILLED), and
+    Lightning's end of fit ends it again; a run opened afresh is created RUNNING as before."""
+    import mlflow
+
+    from qt.tracking import MLFlowLogger
+
+    save_dir = str(tmp_path / "runs")
+    first = MLFlowLogger(experiment_name="e", save_dir=save_dir)
+    run_id = first.run_id
+    client = first.experiment
+    assert client.get_run(run_id).info.status == "RUNNING"
+    client.set_terminated(run_id, ended)
+    # an untouched run in the same store, which reopening the first must leave alone
+    other = MLFlowLogger(experiment_name="e", save_dir=save_dir).run_id
+    client.set_terminated(other, "FAILED")
+
+    reopened = MLFlowLogger(experiment_name="e", save_dir=save_dir, run_id=run_id)
+    fresh = mlflow.MlflowClient(reopened._tracking_uri)  # a second reader of the store
+    assert fresh.get_run(run_id).info.status == ended  # nothing happens before first use
+    assert reopened.experiment is not None  # first use: Lightning opens the run
+    assert fresh.get_run(run_id).info.status == "RUNNING"
+    assert fresh.get_run(other).info.status == "FAILED"
+    reopened.finalize("success")
+    assert fresh.get_run(run_id).info.status == "FINISHED"
