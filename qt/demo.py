@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     traj = read_d4rl_hdf5(hdf5)
     store = TrajectoryStore(traj, scale=get_task(TASK).scale)
-    ref_min = traj.ref_min_score if traj.ref_min_score is not None else get_task(TASK).ref_min_score
-    ref_max = traj.ref_max_score if traj.ref_max_score is not None else get_task(TASK).ref_max_score
+    ref_min, ref_max = get_task(TASK).ref_min_score, get_task(TASK).ref_max_score
 
     common = [
         "--config",
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"dataset  {TASK}: {store.num_steps:,} steps, {len(store):,} episodes; average return "
         f"{r.mean():.2f} (std {r.std():.2f}), normalised {data_score:.1f} "
-        f"(reference returns {ref_min:.2f} / {ref_max:.2f})",
+        f"(D4RL's reference returns {ref_min:.2f} / {ref_max:.2f})",
         "",
         f"{'':<34}{'QT':>10}{'DT':>10}",
     ]

@@ -164,7 +164,7 @@ def test_a_killed_fit_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path
     from qt.study.report import eval_history
 
     assert sorted(steps) == [9, 19, 29]
-    assert eval_history(client, runs[0])[0].tolist() == [10, 20, 30]
+    assert eval_history(client, runs[0], "maze2d-umaze-v1")[0].tolist() == [10, 20, 30]
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, maze_file):

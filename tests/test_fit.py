@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import mlflow
+import pytest
 import torch
 
 from qt.checkpointing import load_checkpoint
@@ -103,5 +105,14 @@ def test_a_fit_stopped_by_max_time_evaluates_where_it_stopped(tmp_path):
     [best] = (tmp_path / "runs").glob("*/*/checkpoints/best-epoch=0.ckpt")
     trained = int(load_checkpoint(best)["state_dict"]["train_steps"])
     assert 0 < trained < 1_000_000
-    steps, scores = eval_history(client, run)
+    steps, scores = eval_history(client, run, "maze2d-umaze-dense-v1")
     assert steps.tolist() == [trained] and len(scores) == 1
+    # the fit scored its evaluation on D4RL's reference returns, as the report does, although
+    # the file carries the (one-episode) reference returns it measured
+    with h5py.File(data) as f:
+        assert f.attrs["ref_min_score"] != 68.537689
+    ret = run.data.metrics["eval/return_mean"]
+    by_hand = 100 * (ret - 68.537689) / (193.66285642381482 - 68.537689)  # d4rl/infos.py
+    # (Lightning logs metrics in float32: equal to its precision)
+    assert run.data.metrics["eval/normalized_score"] == pytest.approx(by_hand, rel=1e-6)
+    assert scores[0] == pytest.approx(by_hand, rel=1e-12)

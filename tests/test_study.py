@@ -114,8 +114,19 @@ def _iqm(x: np.ndarray) -> float:
     return float(v[cut : len(v) - cut].mean())
 
 
+# D4RL's reference returns of TASKS (d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE), by hand
+REFS = {"maze2d-umaze-dense-v1": (68.537689, 193.66285642381482),
+        "maze2d-open-dense-v0": (11.17817, 27.166538620695782)}  # fmt: skip
+
+
+def _score(task: str, ret: float) -> float:
+    lo, hi = REFS[task]
+    return 100 * (ret - lo) / (hi - lo)
+
+
 def _from_histories(folder: Path) -> dict:
-    """(task, variant, seed) -> {best, last, test}, straight from the MLflow store."""
+    """(task, variant, seed) -> {best, last, test}, straight from the MLflow store: the mean
+    returns, normalised by D4RL's references (what the fits logged as normalised scores too)."""
     client = _client(folder)
     exp = client.get_experiment_by_name("study-tiny")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
@@ -124,10 +135,14 @@ def _from_histories(folder: Path) -> dict:
         tags = run.data.tags
         if tags.get("qt.study.kind") != "fit" or run.info.status != "FINISHED":
             continue
-        history = client.get_metric_history(run.info.run_id, "eval/normalized_score")
+        task = tags["task"]
+        history = client.get_metric_history(run.info.run_id, "eval/return_mean")
         by_step = {}
         for m in sorted(history, key=lambda m: m.timestamp):
-            by_step[m.step] = m.value
+            by_step[m.step] = _score(task, m.value)
+        logged = client.get_metric_history(run.info.run_id, "eval/normalized_score")
+        for m in logged:  # the fit's own scores: the same scale, to Lightning's float32
+            assert m.value == pytest.approx(by_step[m.step], rel=1e-6, abs=1e-6)
         [test] = [
             r for r in runs
             if r.data.tags.get("qt.study.fit_run") == run.info.run_id and r.info.status == "FINISHED"
@@ -137,7 +152,7 @@ def _from_histories(folder: Path) -> dict:
         out[key] = {
             "best": max(by_step.values()),
             "last": by_step[max(by_step)],
-            "test": test.data.metrics["test/normalized_score"],
+            "test": _score(task, test.data.metrics["test/return_mean"]),
         }
     return out
 

@@ -16,12 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fit_run(client, experiment_id: str, evals: list[tuple[int, int, float]], per_iter: int):
-    """A fit run as Lightning logs it: per evaluation (MLflow step, epoch, score)."""
+    """A fit run as Lightning logs it: per evaluation (MLflow step, epoch, mean return), and a
+    normalised score on another scale, which the report must not read."""
     run = client.create_run(experiment_id)
     rid = run.info.run_id
     client.log_param(rid, "config.data.num_steps_per_iter", per_iter)
-    for step, epoch, score in evals:
-        client.log_metric(rid, "eval/normalized_score", score, step=step)
+    for step, epoch, ret in evals:
+        client.log_metric(rid, "eval/return_mean", ret, step=step)
+        client.log_metric(rid, "eval/normalized_score", 100 * (ret - 37.69) / 135.43, step=step)
         client.log_metric(rid, "epoch", epoch, step=step)
     client.set_terminated(rid)
     return client.get_run(rid)
@@ -30,13 +32,15 @@ def _fit_run(client, experiment_id: str, evals: list[tuple[int, int, float]], pe
 def test_an_iteration_cut_short_is_placed_at_the_steps_it_trained(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
-    # three whole iterations of 1000 steps, then a fourth stopped after 741 of its steps
-    evals = [(999, 0, -20.0), (1999, 1, 10.0), (2999, 2, 30.0), (3740, 3, 48.5)]
-    steps, scores = rep.eval_history(client, _fit_run(client, exp, evals, 1000))
+    # three whole iterations of 1000 steps, then a fourth stopped after 741 of its steps;
+    # returns chosen on D4RL's maze2d-umaze scale (23.85 / 161.86): 0, 50 and 100 by hand
+    evals = [(999, 0, 0.0), (1999, 1, 23.85), (2999, 2, 92.855), (3740, 3, 161.86)]
+    steps, scores = rep.eval_history(client, _fit_run(client, exp, evals, 1000), "maze2d-umaze-v1")
     np.testing.assert_array_equal(steps, [1000, 2000, 3000, 3741])
-    np.testing.assert_array_equal(scores, [-20.0, 10.0, 30.0, 48.5])
+    np.testing.assert_allclose(scores, [-2385 / 138.01, 0.0, 50.0, 100.0], rtol=0, atol=1e-9)
     # whole iterations only: the steps are (epoch + 1) x num_steps_per_iter
-    steps, _ = rep.eval_history(client, _fit_run(client, exp, [(9, 0, 1.0), (19, 1, 2.0)], 10))
+    run = _fit_run(client, exp, [(9, 0, 1.0), (19, 1, 2.0)], 10)
+    steps, _ = rep.eval_history(client, run, "maze2d-umaze-v1")
     np.testing.assert_array_equal(steps, [10, 20])
 
 

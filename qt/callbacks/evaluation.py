@@ -199,7 +199,7 @@ class Evaluation(L.Callback):
         from qt.acting.episodes import run_episodes  # acting code is loaded only when it acts
 
         task_name = self._task_name(trainer)
-        ref_min, ref_max = self._ref_scores(trainer, task_name)
+        ref_min, ref_max = self._ref_scores(task_name)
         mine = seeds[trainer.global_rank :: trainer.world_size]
         was_training = pl_module.actor.training
         pl_module.actor.eval()
@@ -275,15 +275,8 @@ class Evaluation(L.Callback):
         return dm.task
 
     @staticmethod
-    def _ref_scores(trainer: L.Trainer, task_name: str) -> tuple[float, float]:
-        """The data module's reference scores (a generated dataset's own), else the registry's."""
-        dm = getattr(trainer, "datamodule", None)
-        if (
-            dm is not None
-            and getattr(dm, "task", None) == task_name
-            and hasattr(dm, "ref_min_score")
-        ):
-            return float(dm.ref_min_score), float(dm.ref_max_score)
+    def _ref_scores(task_name: str) -> tuple[float, float]:
+        """D4RL's published reference returns of the task (whatever dataset it trained on)."""
         task = get_task(task_name)
         return task.ref_min_score, task.ref_max_score
 

@@ -80,7 +80,6 @@ class QTDataModule(L.LightningDataModule):
             pct_traj,
         )
         self._store: TrajectoryStore | None = None
-        self._own_refs: tuple[float | None, float | None] = (None, None)
         self._stream: SegmentStream | None = None
 
     # ------------------------------------------------------------------ the dataset, lazily
@@ -101,7 +100,7 @@ class QTDataModule(L.LightningDataModule):
             if self.full_windows_only:
                 check_full_windows(store, self.K, traj.source)
             # keep the store only: the raw arrays would double the dataset's memory
-            self._own_refs, self._store = (traj.ref_min_score, traj.ref_max_score), store
+            self._store = store
             rank_zero_info(f"{self.task} ({traj.source}): {store.summary()}")
         return self._store
 
@@ -135,16 +134,16 @@ class QTDataModule(L.LightningDataModule):
 
     @property
     def ref_min_score(self) -> float:
-        """The dataset's own reference score when it carries one (generated here), else D4RL's."""
-        self.store  # noqa: B018  (loads the dataset)
-        own = self._own_refs[0]
-        return self._task.ref_min_score if own is None else own
+        """D4RL's published reference return of the task, by which every score is normalised.
+
+        A dataset generated here carries the reference returns it measured in its own file
+        (`qt.datagen`); they check the environment against D4RL's, and are not used to score.
+        """
+        return self._task.ref_min_score
 
     @property
     def ref_max_score(self) -> float:
-        self.store  # noqa: B018
-        own = self._own_refs[1]
-        return self._task.ref_max_score if own is None else own
+        return self._task.ref_max_score
 
     # ------------------------------------------------------------------ Lightning hooks
     def _resolved_seed(self) -> int:

@@ -33,7 +33,8 @@ class Trajectories:
     observations (N, S) float32, actions (N, A) float32, rewards (N,) float32 (as stored, no
     reward tuning), terminals (N,) float32; trajectory i is rows offsets[i]:offsets[i+1].
     `ref_min_score`/`ref_max_score` are the dataset's own reference returns when it carries
-    them (datasets generated here do), else None.
+    them (datasets generated here do, as a check of the environment), else None; scores are
+    always normalised by D4RL's published ones (`qt.tasks`).
     """
 
     observations: np.ndarray

@@ -1,11 +1,14 @@
 """A study's results, read back from MLflow: per task and variant, and across tasks, with
 95% stratified-bootstrap intervals computed by `rliable` (Agarwal et al., NeurIPS 2021).
 
-Three scores per (task, variant, seed), all D4RL-normalised:
-- best: the best evaluation score during the fit (the paper's protocol), the maximum of the
-  fit run's `eval/normalized_score` history;
+Three scores per (task, variant, seed), all D4RL-normalised, here, from the mean returns the
+runs logged and D4RL's published reference returns of the task (`qt.tasks`), so that runs
+scored on another scale when they ran (before the project used D4RL's references for
+generated datasets too) are reported on the one scale:
+- best: the best evaluation score during the fit (the paper's protocol), the maximum over the
+  fit run's `eval/return_mean` history;
 - last: its last evaluation score;
-- test: `test/normalized_score` of the test run of the fit's best checkpoint.
+- test: the `test/return_mean` of the test run of the fit's best checkpoint.
 
 Everything here comes from the MLflow store (metric histories, params, tags), never from files
 a crash could have left half-written.
@@ -62,7 +65,7 @@ class JobState:
             self.fit_finished
             and self.test is not None
             and self.test.info.status == "FINISHED"
-            and "test/normalized_score" in self.test.data.metrics
+            and "test/return_mean" in self.test.data.metrics
         )
 
 
@@ -81,8 +84,8 @@ def job_states(client, experiment_id: str, study: Study) -> list[JobState]:
     return states
 
 
-def eval_history(client, run) -> tuple[np.ndarray, np.ndarray]:
-    """(training steps, eval/normalized_score) of a fit run, one point per evaluation.
+def eval_history(client, run, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(training steps, D4RL-normalised score) of a fit run of `task`, one point per evaluation.
 
     A resumed fit may log an iteration twice (killed after its evaluation was logged, before
     its last.ckpt was written); both values are the same, and the later one is kept.
@@ -90,9 +93,12 @@ def eval_history(client, run) -> tuple[np.ndarray, np.ndarray]:
     cut short by `trainer.max_time`, and across a resume alike (tests/test_fit.py,
     tests/test_faults.py pin this), so the metric's own step gives the training steps.
     """
-    scores = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval/normalized_score"), key=lambda m: m.timestamp)}  # fmt: skip
-    steps = sorted(scores)
-    return np.array(steps, dtype=float) + 1, np.array([scores[s] for s in steps], dtype=float)
+    from qt.tasks import get_task
+
+    returns = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval/return_mean"), key=lambda m: m.timestamp)}  # fmt: skip
+    steps = sorted(returns)
+    scores = [get_task(task).normalized_score(returns[s]) for s in steps]
+    return np.array(steps, dtype=float) + 1, np.array(scores, dtype=float)
 
 
 @dataclass
@@ -110,13 +116,15 @@ class Result:
 
 
 def read_result(client, state: JobState) -> Result:
-    steps, curve = eval_history(client, state.fit)
+    from qt.tasks import get_task
+
+    steps, curve = eval_history(client, state.fit, state.job.task)
     fit, test = state.fit.info, state.test.info
     return Result(
         job=state.job,
         best=float(curve.max()),
         last=float(curve[-1]),
-        test=float(state.test.data.metrics["test/normalized_score"]),
+        test=get_task(state.job.task).normalized_score(state.test.data.metrics["test/return_mean"]),
         steps=steps,
         curve=curve,
         params=state.fit.data.params,

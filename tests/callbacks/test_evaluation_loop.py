@@ -103,10 +103,10 @@ def test_test_prints_the_table_and_keeps_the_summary(capsys):
     np.testing.assert_allclose(cb.last_summary.returns, direct(module, [1, 2, 3], 5), rtol=1e-6)
 
 
-def test_reference_scores_from_the_data_module_else_the_registry():
-    dm = SimpleNamespace(task=TASK, ref_min_score=1.0, ref_max_score=2.0)
-    assert Evaluation._ref_scores(SimpleNamespace(datamodule=dm), TASK) == (1.0, 2.0)
-    assert Evaluation._ref_scores(SimpleNamespace(datamodule=None), TASK) == (-20.272305, 3234.3)
+def test_reference_scores_are_d4rls_published_ones():
+    # d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE, by hand
+    assert Evaluation._ref_scores(TASK) == (-20.272305, 3234.3)
+    assert Evaluation._ref_scores("maze2d-umaze-v1") == (23.85, 161.86)
     with pytest.raises(ValueError, match="needs a task"):
         Evaluation()._task_name(SimpleNamespace(datamodule=None))
     with pytest.raises(ValueError, match="num_eval_episodes"):

@@ -43,8 +43,20 @@ def test_facts_come_from_the_registry_and_the_data(maze_file):
     with h5py.File(maze_file) as f:
         obs = f["observations"][()]
     np.testing.assert_array_equal(dm.state_mean, obs.mean(axis=0))
-    # no reference scores in the file: D4RL's
-    assert (dm.ref_min_score, dm.ref_max_score) == (task.ref_min_score, task.ref_max_score)
+    # scores are normalised by D4RL's published reference returns (d4rl/infos.py, by hand)
+    assert (dm.ref_min_score, dm.ref_max_score) == (23.85, 161.86)
+
+
+def test_a_datasets_own_reference_returns_do_not_score(tmp_path, monkeypatch):
+    """A generated dataset records the reference returns it measured; scores still use
+    D4RL's, so that runs on any file of a task share one scale."""
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    path = _write(tmp_path / get_task("maze2d-umaze-v1").dataset_file)
+    with h5py.File(path, "a") as f:
+        f.attrs["ref_min_score"], f.attrs["ref_max_score"] = 37.69, 173.12
+    dm = QTDataModule("maze2d-umaze-v1", K=5, batch_size=4)
+    assert len(dm.store) == 4  # the file, its attributes included, was read
+    assert (dm.ref_min_score, dm.ref_max_score) == (23.85, 161.86)
 
 
 def test_bad_inputs_are_named(tmp_path, monkeypatch):
