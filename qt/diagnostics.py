@@ -16,6 +16,11 @@ checkpoint and reports three things, each measured, none inferred:
 3. The critic along evaluation episodes: `q_min` at the states and actions the policy took
    beside the discounted return that followed in the episode (cut at the episode's end, so
    late steps are lower bounds).
+4. Reaching and staying, where rewards are 0 or 1 (sparse Maze2D and AntMaze: 1 inside the
+   goal's radius): the share of episodes that reach the goal, the median step of the first
+   arrival, and the share of the steps from the first arrival on spent at the goal. On D4RL's
+   Maze2D data arriving is demonstrated from every cell and staying never (trajectories end
+   on arrival), so the last number is where a critic's values can add to imitation.
 
 The numbers go to stdout as a table and, with `--json`, to a file.
 """
@@ -61,6 +66,25 @@ def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
     rx = np.argsort(np.argsort(x)).astype(np.float64)
     ry = np.argsort(np.argsort(y)).astype(np.float64)
     return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def goal_occupancy(episodes: Sequence[np.ndarray]) -> dict[str, float] | None:
+    """Reaching and staying from per-episode rewards that are all 0 or 1 (1: at the goal):
+    `reached` the share of episodes with a 1, `first_arrival_median` the median 0-based step
+    of their first 1, `stay_share` the share of the steps from each first 1 to the episode's
+    end that are 1s (pooled over the episodes that arrive). None where some reward is neither
+    0 nor 1 (a dense reward says nothing about being at the goal)."""
+    rewards = [np.asarray(r, dtype=np.float64).reshape(-1) for r in episodes]
+    if not rewards or not all(np.isin(r, (0.0, 1.0)).all() for r in rewards):
+        return None
+    firsts = [int(np.argmax(r)) for r in rewards if r.any()]
+    after = [r[int(np.argmax(r)) :] for r in rewards if r.any()]
+    return {
+        "episodes": len(rewards),
+        "reached": len(firsts) / len(rewards),
+        "first_arrival_median": float(np.median(firsts)) if firsts else float("nan"),
+        "stay_share": float(np.concatenate(after).mean()) if after else float("nan"),
+    }
 
 
 def _compare(q: np.ndarray, g: np.ndarray) -> dict[str, float]:
@@ -161,8 +185,11 @@ class _Recorder(gym.Wrapper):
 
 
 @torch.no_grad()
-def critic_along_episodes(module, task: str, seeds: Sequence[int]) -> dict[str, float]:
-    """`q_min` along evaluation episodes against the discounted return that followed."""
+def critic_along_episodes(
+    module, task: str, seeds: Sequence[int]
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """`q_min` along evaluation episodes against the discounted return that followed, and
+    the episodes' reaching and staying (`goal_occupancy`, None for dense rewards)."""
     from qt.acting.episodes import run_episodes
     from qt.acting.policy import QTPolicy
     from qt.envs import make_env
@@ -191,7 +218,7 @@ def critic_along_episodes(module, task: str, seeds: Sequence[int]) -> dict[str, 
     q = torch.cat(qs).reshape(-1).double().numpy()
     result = _compare(q, np.concatenate(gs))
     result["episode_return_mean"] = float(stats.returns.mean())
-    return result
+    return result, goal_occupancy([np.asarray(ep["rewards"]) for ep in log if ep["rewards"]])
 
 
 def diagnose(
@@ -233,9 +260,10 @@ def diagnose(
         ),
     }
     if episodes > 0:
-        out["critic_along_episodes"] = critic_along_episodes(
-            module, task, [seed + i for i in range(episodes)]
-        )
+        along, occupancy = critic_along_episodes(module, task, [seed + i for i in range(episodes)])
+        out["critic_along_episodes"] = along
+        if occupancy is not None:
+            out["reaching_and_staying"] = occupancy
     return out
 
 

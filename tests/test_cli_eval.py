@@ -98,3 +98,30 @@ def test_bad_episode_count_is_one_sentence(fitted):
     with pytest.raises(UserError, match=r"--episodes 0: expected a whole number >= 1"):
         _run(root, ["test", "--config", TINY, "--data.path", str(data), "--data.task", TASK,
                     "--ckpt_path", str(last), "--episodes", "0"])  # fmt: skip
+
+
+def test_diagnostics_reports_reaching_and_staying_where_rewards_are_sparse(fitted, tmp_path):
+    """`python -m qt.diagnostics` on the checkpoint: the sparse task's episodes (reward 1 at
+    the goal) get the reaching-and-staying section, consistent with their returns; the dense
+    task's do not."""
+    import json
+
+    from qt.diagnostics import main as diagnostics
+
+    root, data, last = fitted
+    for task, episodes in (("maze2d-umaze-v1", 2), (TASK, 1)):
+        out = tmp_path / f"{task}.json"
+        argv = [str(last), "--task", task, "--data", str(data), "--pairs", "64", "--windows",
+                "8", "--episodes", str(episodes), "--json", str(out)]  # fmt: skip
+        assert diagnostics(argv) == 0
+        [report] = json.loads(out.read_text()).values()
+        if task == TASK:
+            assert "reaching_and_staying" not in report
+            continue
+        occupancy, along = report["reaching_and_staying"], report["critic_along_episodes"]
+        assert occupancy["episodes"] == episodes
+        # every reward is 1 at the goal, 0 elsewhere: no return without an arrival, and the
+        # mean return is at most the 300 steps of an episode times the share that arrive
+        assert 0.0 <= occupancy["reached"] <= 1.0
+        assert (occupancy["reached"] == 0.0) == (along["episode_return_mean"] == 0.0)
+        assert along["episode_return_mean"] <= 300 * occupancy["reached"]

@@ -12,6 +12,7 @@ from qt.diagnostics import (
     actor_vs_data,
     critic_vs_returns,
     discounted_returns,
+    goal_occupancy,
     rank_correlation,
 )
 
@@ -151,3 +152,24 @@ def test_actor_vs_data_measures_distance_and_the_critics_preference():
     assert moved["q_gain_positive"] == 1.0
     # the same generator seed draws the same windows: at least one valid step each, at most K
     assert moved["n"] == same["n"] and 16 <= same["n"] <= 16 * 5
+
+
+def test_goal_occupancy_counts_arrivals_and_the_steps_spent_at_the_goal():
+    episodes = [
+        [0, 0, 1, 1, 0, 1],  # arrives at step 2, then 3 of its 4 steps at the goal
+        [0, 0, 0],  # never arrives
+        [1, 0, 0, 0],  # starts at the goal and leaves: 1 of 4
+        [0, 1],  # arrives at the last step: 1 of 1
+    ]
+    got = goal_occupancy([np.array(e, dtype=np.float32) for e in episodes])
+    assert got == {
+        "episodes": 4,
+        "reached": 0.75,
+        "first_arrival_median": 1.0,  # of 2, 0, 1
+        "stay_share": pytest.approx(5 / 9),  # pooled: (3 + 1 + 1) of (4 + 4 + 1) steps
+    }
+    nowhere = goal_occupancy([np.zeros(5), np.zeros(3)])
+    assert nowhere["reached"] == 0.0 and np.isnan(nowhere["stay_share"])
+    # a dense reward (exp(-distance)) says nothing about being at the goal
+    assert goal_occupancy([np.array([0.0, 0.5, 1.0])]) is None
+    assert goal_occupancy([]) is None
