@@ -150,6 +150,9 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
     bounds = episode_bounds(a["terminals"], a["timeouts"])
     returns = np.add.reduceat(np.asarray(a["rewards"], np.float64), [s for s, _ in bounds])
     lengths = np.array([e - s for s, e in bounds])
+    from qt.tasks import get_task
+
+    task = get_task(ds.name)
     return "\n".join(
         [
             f"dataset        {ds.name} (evaluation env {ds.env_id})",
@@ -158,7 +161,8 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
             f"return         mean {returns.mean():.3f}, std {returns.std():.3f}, "
             f"min {returns.min():.3f}, max {returns.max():.3f}",
             f"reward         mean per step {np.mean(a['rewards']):.4f}",
-            f"ref scores     min {ds.ref_min_score:.2f}, max {ds.ref_max_score:.2f}",
+            f"ref scores     measured: min {ds.ref_min_score:.2f}, max {ds.ref_max_score:.2f}; "
+            f"scores use D4RL's {task.ref_min_score:.2f} / {task.ref_max_score:.2f}",
             f"time           {seconds:.1f} s",
         ]
     )

@@ -150,7 +150,10 @@ def test_cli_writes_both_formats_and_a_second_run_keeps_them(tmp_path, capsys):
     args = ["maze2d-umaze-v1", "--steps", "1500", "--out", str(root), "--ref-episodes", "2"]
     assert make.main(args) == 0
     captured = capsys.readouterr()
-    assert "steps          1500" in captured.out and "ref scores" in captured.out
+    assert "steps          1500" in captured.out
+    # the references it measured, and D4RL's (d4rl/infos.py), by which scores are normalised
+    assert "ref scores     measured: min " in captured.out
+    assert "; scores use D4RL's 23.85 / 161.86" in captured.out
     # after the bar: what it is doing, line by line
     assert "reference scores: 2 episodes" in captured.err
     assert "writing Minari dataset qt/maze2d-umaze-v1" in captured.err
