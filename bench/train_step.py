@@ -10,7 +10,10 @@ by hand (`bench._common.train_step_flops`) and one from the matmul shapes the st
 is this machine's rate at those same shapes and dtypes: the step's matmul FLOPs over the time
 its matmuls take when each distinct shape runs alone at its fastest, measured in this run with
 the same threads (`bench._common.peak_rate`).
-`python -m bench train_step [--steps N] [--size cpu|published]`; set QT_BENCH_DEVICE=cuda (and
+`--profile` instead runs torch's profiler over 10 steps (after 8 unprofiled ones) and prints
+where a step's time goes: its wall time, the GPU's kernel time within it, the kernel launches
+per step, and the most expensive operators.
+`python -m bench train_step [--steps N] [--size cpu|published] [--profile]`; set QT_BENCH_DEVICE=cuda (and
 QT_BENCH_PRECISION=bf16-mixed, or QT_BENCH_MATMUL=high for TF32 float32 matmuls, as
 cli.py's float32_matmul_precision) on a GPU machine.
 """
@@ -112,16 +115,64 @@ def flops_per_step(size: str, device: str, precision: str) -> tuple[int, list]:
     return counted, shapes
 
 
+class _Profile(L.Callback):
+    """torch.profiler over the steps of a fit: `wait` unprofiled steps, 3 warm-up, `active`."""
+
+    def __init__(self, device: str, wait: int = 5, active: int = 10) -> None:
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        self.active, self.cuda = active, device == "cuda"
+        self.prof = profile(activities=acts, schedule=schedule(wait=wait, warmup=3, active=active))
+        self.stamps: list[float] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.prof.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        self.prof.step()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.prof.__exit__(None, None, None)
+
+
+def profile_steps(size: str, device: str, precision: str) -> str:
+    """Where one step's time goes, from torch's profiler (10 profiled steps)."""
+    prof = _Profile(device)
+    _fit(size, 5 + 3 + prof.active + 1, device, precision, [prof])
+    gaps = np.diff(prof.stamps)
+    events = prof.prof.key_averages()
+    launches = sum(e.count for e in events if e.key.startswith("cudaLaunchKernel"))
+    kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / prof.active
+    head = (
+        f"{size}: {np.median(gaps[1:5]) * 1e3:.1f} ms a step unprofiled, "
+        f"{np.median(gaps[-prof.active :]) * 1e3:.1f} ms profiled"
+    )
+    if prof.cuda:
+        head += (f"; per profiled step {kernel_ms:.2f} ms of GPU kernel time, "
+                 f"{launches / prof.active:.0f} kernel launches")  # fmt: skip
+    sort = "self_cuda_time_total" if prof.cuda else "self_cpu_time_total"
+    return head + "\n" + events.table(sort_by=sort, row_limit=12, max_name_column_width=50)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench train_step")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per size")
     parser.add_argument("--size", choices=sorted(SIZES), action="append", help="(default: both)")
+    parser.add_argument("--profile", action="store_true", help="where a step's time goes")
     args, _ = parser.parse_known_args(argv if argv is not None else [])
     keep_freed_memory()  # as cli.py does
     device = os.environ.get("QT_BENCH_DEVICE", "cpu")
     precision = os.environ.get("QT_BENCH_PRECISION", "32-true")
     matmul = os.environ.get("QT_BENCH_MATMUL", "highest")
     torch.set_float32_matmul_precision(matmul)
+    if args.profile:
+        for size in args.size or ("cpu", "published"):
+            print(profile_steps(size, device, precision), flush=True)
+        return
     rows = []
     for size in args.size or ("cpu", "published"):
         cfg = SIZES[size]
