@@ -16,8 +16,8 @@ checkpoint and reports three things, each measured, none inferred:
 3. The critic along evaluation episodes: `q_min` at the states and actions the policy took
    beside the discounted return that followed in the episode (cut at the episode's end, so
    late steps are lower bounds).
-4. Reaching and staying, where rewards are 0 or 1 (sparse Maze2D and AntMaze: 1 inside the
-   goal's radius): the share of episodes that reach the goal, the median step of the first
+4. Reaching and staying, where the reward is 1 at the goal and 0 elsewhere (sparse Maze2D and
+   AntMaze: 1 inside the goal's radius): the share of episodes that reach the goal, the median step of the first
    arrival, and the share of the steps from the first arrival on spent at the goal. On D4RL's
    Maze2D data arriving is demonstrated from every cell and staying never (trajectories end
    on arrival), so the last number is where a critic's values can add to imitation.
@@ -66,6 +66,14 @@ def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
     rx = np.argsort(np.argsort(x)).astype(np.float64)
     ry = np.argsort(np.argsort(y)).astype(np.float64)
     return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def rewards_mark_the_goal(task: str) -> bool:
+    """Whether the task's reward is 1 at the goal and 0 elsewhere: sparse Maze2D and AntMaze
+    (not Kitchen, whose 0/1 rewards count subtasks completed in a step)."""
+    from qt.tasks import get_task
+
+    return get_task(task).family in ("maze2d", "antmaze") and "-dense" not in task
 
 
 def goal_occupancy(episodes: Sequence[np.ndarray]) -> dict[str, float] | None:
@@ -189,7 +197,8 @@ def critic_along_episodes(
     module, task: str, seeds: Sequence[int]
 ) -> tuple[dict[str, float], dict[str, float] | None]:
     """`q_min` along evaluation episodes against the discounted return that followed, and
-    the episodes' reaching and staying (`goal_occupancy`, None for dense rewards)."""
+    the episodes' reaching and staying (`goal_occupancy`; None unless the task's rewards mark
+    the goal)."""
     from qt.acting.episodes import run_episodes
     from qt.acting.policy import QTPolicy
     from qt.envs import make_env
@@ -218,6 +227,8 @@ def critic_along_episodes(
     q = torch.cat(qs).reshape(-1).double().numpy()
     result = _compare(q, np.concatenate(gs))
     result["episode_return_mean"] = float(stats.returns.mean())
+    if not rewards_mark_the_goal(task):
+        return result, None
     return result, goal_occupancy([np.asarray(ep["rewards"]) for ep in log if ep["rewards"]])
 
 

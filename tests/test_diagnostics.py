@@ -173,3 +173,14 @@ def test_goal_occupancy_counts_arrivals_and_the_steps_spent_at_the_goal():
     # a dense reward (exp(-distance)) says nothing about being at the goal
     assert goal_occupancy([np.array([0.0, 0.5, 1.0])]) is None
     assert goal_occupancy([]) is None
+
+
+def test_reaching_and_staying_is_measured_where_the_reward_marks_the_goal():
+    from qt.diagnostics import rewards_mark_the_goal
+
+    assert rewards_mark_the_goal("maze2d-umaze-v1") and rewards_mark_the_goal("maze2d-large-v1")
+    assert rewards_mark_the_goal("antmaze-umaze-v2")
+    # dense maze rewards fall with the distance; kitchen's 0/1 count subtasks done in a step
+    assert not rewards_mark_the_goal("maze2d-umaze-dense-v1")
+    assert not rewards_mark_the_goal("kitchen-complete-v0")
+    assert not rewards_mark_the_goal("hopper-medium-replay-v2")

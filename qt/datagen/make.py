@@ -152,7 +152,12 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
     lengths = np.array([e - s for s, e in bounds])
     from qt.tasks import get_task
 
-    task = get_task(ds.name)
+    refs = f"ref scores     measured: min {ds.ref_min_score:.2f}, max {ds.ref_max_score:.2f}"
+    try:  # a name the generator accepts need not be a registered task (maze2d-umaze-v0)
+        task = get_task(ds.name)
+        refs += f"; scores use D4RL's {task.ref_min_score:.2f} / {task.ref_max_score:.2f}"
+    except ValueError:
+        pass
     return "\n".join(
         [
             f"dataset        {ds.name} (evaluation env {ds.env_id})",
@@ -161,8 +166,7 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
             f"return         mean {returns.mean():.3f}, std {returns.std():.3f}, "
             f"min {returns.min():.3f}, max {returns.max():.3f}",
             f"reward         mean per step {np.mean(a['rewards']):.4f}",
-            f"ref scores     measured: min {ds.ref_min_score:.2f}, max {ds.ref_max_score:.2f}; "
-            f"scores use D4RL's {task.ref_min_score:.2f} / {task.ref_max_score:.2f}",
+            refs,
             f"time           {seconds:.1f} s",
         ]
     )

@@ -250,3 +250,12 @@ def test_locomotion_names_go_to_the_locomotion_generator(tmp_path, monkeypatch, 
     )
     assert load(root, "hopper-medium-v2").total_steps == 300
     assert make.main(argv + ["--force", "--bogus", "1"]) == 2  # option the generator lacks
+
+
+def test_a_generated_name_that_is_not_a_registered_task_still_gets_its_summary(tmp_path, capsys):
+    # maze2d-umaze-v0: D4RL's older name, which the generator makes but no task registers
+    args = ["maze2d-umaze-v0", "--steps", "300", "--out", str(tmp_path / "minari"),
+            "--ref-episodes", "1"]  # fmt: skip
+    assert make.main(args) == 0
+    out = capsys.readouterr().out
+    assert "ref scores     measured: min " in out and "D4RL's" not in out
