@@ -115,24 +115,23 @@ def flops_per_step(size: str, device: str, precision: str) -> tuple[int, list]:
     return counted, shapes
 
 
-class _Profile(L.Callback):
-    """torch.profiler over the steps of a fit: `wait` unprofiled steps, 3 warm-up, `active`."""
+class _Profile(_StepClock):
+    """torch.profiler over the steps of a fit: `wait` unprofiled steps, 3 warm-up, `active`;
+    the step clock's stamps beside it."""
 
     def __init__(self, device: str, wait: int = 5, active: int = 10) -> None:
         from torch.profiler import ProfilerActivity, profile, schedule
 
+        super().__init__()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         self.active, self.cuda = active, device == "cuda"
         self.prof = profile(activities=acts, schedule=schedule(wait=wait, warmup=3, active=active))
-        self.stamps: list[float] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.prof.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.prof.step()
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -95,9 +95,10 @@ def eval_history(client, run, task: str) -> tuple[np.ndarray, np.ndarray]:
     """
     from qt.tasks import get_task
 
+    normalized = get_task(task).normalized_score
     returns = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval/return_mean"), key=lambda m: m.timestamp)}  # fmt: skip
     steps = sorted(returns)
-    scores = [get_task(task).normalized_score(returns[s]) for s in steps]
+    scores = [normalized(returns[s]) for s in steps]
     return np.array(steps, dtype=float) + 1, np.array(scores, dtype=float)
 
 
