@@ -17,10 +17,11 @@ checkpoint and reports three things, each measured, none inferred:
    beside the discounted return that followed in the episode (cut at the episode's end, so
    late steps are lower bounds).
 4. Reaching and staying, where the reward is 1 at the goal and 0 elsewhere (sparse Maze2D and
-   AntMaze: 1 inside the goal's radius): the share of episodes that reach the goal, the median step of the first
-   arrival, and the share of the steps from the first arrival on spent at the goal. On D4RL's
-   Maze2D data arriving is demonstrated from every cell and staying never (trajectories end
-   on arrival), so the last number is where a critic's values can add to imitation.
+   AntMaze: 1 inside the goal's radius): the share of episodes that reach the goal, the median
+   step of the first arrival, and the share of the steps from the first arrival on spent at
+   the goal. On D4RL's Maze2D data arriving is demonstrated from every cell and staying never
+   (trajectories end on arrival), so the last number is where a critic's values can add to
+   imitation.
 
 The numbers go to stdout as a table and, with `--json`, to a file.
 """
@@ -73,7 +74,8 @@ def rewards_mark_the_goal(task: str) -> bool:
     (not Kitchen, whose 0/1 rewards count subtasks completed in a step)."""
     from qt.tasks import get_task
 
-    return get_task(task).family in ("maze2d", "antmaze") and "-dense" not in task
+    found = get_task(task)
+    return found.family in ("maze2d", "antmaze") and not found.dense
 
 
 def goal_occupancy(episodes: Sequence[np.ndarray]) -> dict[str, float] | None:

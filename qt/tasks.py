@@ -50,6 +50,12 @@ class Task:
     ref_max_score: float
     published: Published | None = field(default=None)
 
+    @property
+    def dense(self) -> bool:
+        """Whether the reward falls with the distance to the goal (Maze2D's `-dense-` datasets)
+        rather than being 1 at the goal and 0 elsewhere."""
+        return "-dense-" in self.name
+
     def normalized_score(self, ret: float) -> float:
         """D4RL normalised score x100: `100 * (ret - ref_min) / (ref_max - ref_min)`."""
         return 100.0 * (ret - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)

@@ -86,7 +86,7 @@ def make_env(
     elif family == "maze2d":
         from qt.envs.maze2d import make_maze2d_env
 
-        env = make_maze2d_env(_maze_of(task), "-dense-" in task.name, render_mode=render_mode)
+        env = make_maze2d_env(_maze_of(task), task.dense, render_mode=render_mode)
     elif family == "antmaze":
         from qt.envs.antmaze import make_antmaze_env
 
