@@ -267,6 +267,88 @@ def test_the_fits_start_seed_by_seed(uninterrupted):
     assert order[:2] == [0, 0] and order[-2:] == [1, 1], order
 
 
+def _point(m) -> tuple:
+    return m.step, m.timestamp, m.value
+
+
+def test_a_study_split_across_two_machines_merges_into_the_same_report(
+    tmp_path, data, uninterrupted
+):
+    """Seed 0 runs here (`run --seeds 0`), seed 1 comes from another machine's store (`merge`;
+    the uninterrupted study's store plays that machine): the report is the uninterrupted one's."""
+    folder = tmp_path / "split"
+    path = _write(folder, _study(data))
+    here = _run(folder, "run", str(path), "--seeds", "0")
+    assert (
+        "8 runs (2 tasks x 2 variants x 2 seeds), 4 of them here (seeds 0); 0 finished"
+        in here.stdout
+    )
+    client = _client(folder)
+    exp_id = client.get_experiment_by_name("study-tiny").experiment_id
+
+    def fits() -> list:
+        runs = client.search_runs([exp_id], max_results=1000)
+        return [r for r in runs if r.data.tags.get("qt.study.kind") == "fit"]
+
+    assert sorted(int(r.data.tags["seed"]) for r in fits()) == [0, 0, 0, 0]
+
+    other = str(uninterrupted[0] / "runs" / "mlflow.db")
+    merged = _run(folder, "merge", "tiny", other)
+    assert "copied 4 jobs" in merged.stdout and "(4 were done here already" in merged.stdout
+    copied = [r for r in fits() if r.data.tags["seed"] == "1"]
+    assert len(copied) == 4
+    source = mlflow.MlflowClient(f"sqlite:///{other}")
+    for run in copied:  # every metric's whole history, the times and the parameters come over
+        original = source.get_run(run.data.tags["qt.study.source_run"])
+        assert run.info.status == "FINISHED" and run.data.params == original.data.params
+        assert (run.info.start_time, run.info.end_time) == (
+            original.info.start_time,
+            original.info.end_time,
+        )
+        for key in original.data.metrics:
+            mine = client.get_metric_history(run.info.run_id, key)
+            theirs = source.get_metric_history(original.info.run_id, key)
+            assert sorted(map(_point, mine)) == sorted(map(_point, theirs)), key
+    _run(folder, "report", "tiny")
+    _assert_same_report(folder / "results" / "tiny", uninterrupted[0] / "results" / "tiny")
+    again = _run(folder, "merge", "tiny", other)  # nothing left to copy: nothing is replaced
+    assert "copied 0 jobs" in again.stdout and "(8 were done here already" in again.stdout
+    assert len(fits()) == 8
+
+
+def test_a_merge_of_another_study_file_stops_before_writing(tmp_path, data, uninterrupted):
+    """A store whose finished fit is not a job of the study (another config, say) is refused in
+    one sentence, and the destination is left as it was; so is a source that does not exist."""
+    other = tmp_path / "other"
+    other.mkdir()
+    source = mlflow.MlflowClient(f"sqlite:///{other / 'mlflow.db'}")
+    exp_id = source.create_experiment("study-tiny")
+    stranger = source.create_run(exp_id, tags={"study": "tiny", "qt.study.kind": "fit",
+                                               "qt.study.key": "0123456789abcdef"})  # fmt: skip
+    source.set_terminated(stranger.info.run_id, "FINISHED")
+    dest = uninterrupted[0]
+    before = len(
+        _client(dest).search_runs(
+            [_client(dest).get_experiment_by_name("study-tiny").experiment_id]
+        )
+    )
+    for src, message in [
+        (str(other / "mlflow.db"), "error: merge source '{src}' holds finished fits of study 'tiny' that are not jobs of the study as it ran here (keys 0123456789abcdef)"),
+        (str(other / "nowhere.db"), "error: merge source '{src}': expected another machine's MLflow store"),
+    ]:  # fmt: skip
+        proc = subprocess.run(_cmd("merge", "tiny", src), cwd=dest, env=_env(), capture_output=True,
+                              text=True)  # fmt: skip
+        assert proc.returncode != 0
+        [line] = proc.stderr.strip().splitlines()
+        assert line.startswith(message.format(src=src)) and line.endswith("."), line
+    after = len(
+        _client(dest).search_runs(
+            [_client(dest).get_experiment_by_name("study-tiny").experiment_id]
+        )
+    )
+    assert after == before
+
+
 @pytest.mark.slow  # a second study of 8 fits (about a minute on 2 idle cores): make test-all
 def test_a_killed_study_resumes_to_the_same_report(tmp_path, data, uninterrupted):
     folder = tmp_path / "killed"

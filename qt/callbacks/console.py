@@ -55,6 +55,8 @@ def quiet() -> None:
     # MLflow sets its loggers up when imported (INFO: "Creating initial MLflow database
     # tables..."); a user's own MLFLOW_LOGGING_LEVEL wins
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # and a progress bar on stderr for every artifact it reads back (a study's study.json)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

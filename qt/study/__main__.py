@@ -19,12 +19,21 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--address", default=None,
                      help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")  # fmt: skip
     run.add_argument("--workers", type=int, default=None, help="override the file's workers")
+    run.add_argument("--seeds", type=int, nargs="+", default=None,
+                     help="run only these of the file's seeds (the rest on other machines; "
+                          "then `merge`)")  # fmt: skip
     run.add_argument("--check", action="store_true",
                      help="validate the study file with cli.py's parser and stop")  # fmt: skip
     report = sub.add_parser("report", help="write the report of a study from MLflow")
     report.add_argument("name", help="the study's name")
     report.add_argument("--save-dir", default="runs", help="the study's save_dir (default: runs)")
     report.add_argument("--results", default=None, help="default: the study file's (results)")
+    merge = sub.add_parser(
+        "merge", help="copy a study's finished runs from another machine's MLflow store into this one"
+    )  # fmt: skip
+    merge.add_argument("name", help="the study's name (it must have run here, on any seeds)")
+    merge.add_argument("source", help="the other store: its mlflow.db file, or a tracking URI")
+    merge.add_argument("--save-dir", default="runs", help="this study's save_dir (default: runs)")
     args = parser.parse_args(argv)
     from qt.callbacks.console import quiet
 
@@ -40,12 +49,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.workers < 1:
                 raise SystemExit(f"error: --workers {args.workers}: expected a whole number >= 1.")
             study.workers = args.workers
+        if args.seeds is not None:
+            study.select_seeds(args.seeds)
         if args.check:
             print(f"[study] {study.name}: {len(study.jobs())} runs; the study file is valid.")
             return 0
         from qt.study.runner import run as run_study
 
         return run_study(study, args.backend, args.address)
+    if args.command == "merge":
+        from qt.study.merge import merge as merge_study
+
+        n = merge_study(args.name, args.source, args.save_dir)
+        print(f"[study] {args.name}: copied {n['copied']} jobs from {args.source} "
+              f"({n['here']} were done here already, {n['absent']} are done on neither); "
+              f"`python -m qt.study report {args.name}` reports them.", flush=True)  # fmt: skip
+        return 0
     study = rep.study_from_store(args.name, args.save_dir, args.results)
     result, path = rep.report(study)
     print(result.markdown(), flush=True)

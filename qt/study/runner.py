@@ -100,7 +100,8 @@ def _plan(study: Study, client, experiment_id: str) -> list[rep.JobState]:
     states = rep.job_states(client, experiment_id, study)
     # Seed by seed (each seed's variants side by side): a study stopped part-way leaves whole
     # seeds, paired across variants, rather than every seed of the first variant alone.
-    return sorted((s for s in states if not s.done), key=lambda s: study.seeds.index(s.job.seed))
+    todo = (s for s in states if not s.done and study.runs_here(s.job))
+    return sorted(todo, key=lambda s: study.seeds.index(s.job.seed))
 
 
 # ---------------------------------------------------------------------------- progress
@@ -240,15 +241,15 @@ def _close_stale_runs(client, exp_id: str, study: Study, specs: list[dict]) -> N
 def run(study: Study, backend: str = "local", address: str | None = None) -> int:
     lock = _lock(study)  # noqa: F841 (held to the end of the process)
     client, uri, exp_id, parent_id = open_store(study)
-    jobs = study.jobs()
+    jobs = [j for j in study.jobs() if study.runs_here(j)]
     todo = _plan(study, client, exp_id)
     specs = [_spec(study, s, exp_id, parent_id) for s in todo]
     _close_stale_runs(client, exp_id, study, specs)
     resumed = sum("resume" in spec for spec in specs)
     tests_only = sum(s.fit_finished for s in todo)
     _say(
-        f"{study.name}: {len(jobs)} runs ({len(study.tasks)} tasks x {len(study.variants)} "
-        f"variants x {len(study.seeds)} seeds); {len(jobs) - len(todo)} finished, "
+        f"{study.name}: {len(study.jobs())} runs ({len(study.tasks)} tasks x {len(study.variants)} "
+        f"variants x {len(study.seeds)} seeds){_here(study)}; {len(jobs) - len(todo)} finished, "
         f"{resumed} to resume from last.ckpt, {tests_only} to test, "
         f"{len(todo) - resumed - tests_only} to start; backend {backend}, "
         f"{study.workers} workers x {study.threads_per_worker} threads; MLflow {uri}, "
@@ -275,5 +276,13 @@ def run(study: Study, backend: str = "local", address: str | None = None) -> int
     print(report.markdown(), flush=True)
     _say(f"report: {path}/ (report.md, scores.json, learning_curves.png, intervals.png); "
          f"also artifacts of MLflow run {parent_id}")  # fmt: skip
-    client.set_terminated(parent_id, "FAILED" if failed or report.missing else "FINISHED")
-    return 1 if failed or report.missing else 0
+    missing = [j for j in report.missing if study.runs_here(j)]  # other seeds: other machines
+    client.set_terminated(parent_id, "FAILED" if failed or missing else "FINISHED")
+    return 1 if failed or missing else 0
+
+
+def _here(study: Study) -> str:
+    if study.selected is None:
+        return ""
+    n = len(study.selected) * len(study.tasks) * len(study.variants)
+    return f", {n} of them here (seeds {', '.join(map(str, study.selected))})"

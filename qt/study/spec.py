@@ -95,6 +95,7 @@ class Study:
     results: str = "results"
     source: str = ""  # the study file's text, kept with the parent run
     keys: list[str] | None = None  # the jobs' keys as the study last ran (a report by name)
+    selected: list[int] | None = None  # `run --seeds`: the seeds this machine runs (None: all)
 
     @property
     def experiment(self) -> str:
@@ -102,6 +103,19 @@ class Study:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("name", *(k for k in KEYS if k != "name"))}
+
+    def select_seeds(self, seeds: list[int]) -> None:
+        """Run only `seeds` here; the study (its jobs, keys and report) stays the whole file's."""
+        strangers = [s for s in seeds if s not in self.seeds]
+        if strangers or len(set(seeds)) != len(seeds):
+            raise StudyError(
+                f"--seeds {' '.join(map(str, seeds))}: expected distinct seeds of the study "
+                f"file's {self.seeds}."
+            )
+        self.selected = list(seeds)
+
+    def runs_here(self, job: Job) -> bool:
+        return self.selected is None or job.seed in self.selected
 
     def jobs(self) -> list[Job]:
         config_text = _config_text(self.config) if self.keys is None else ""
