@@ -192,3 +192,31 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, maze_file):
     after = int(load_checkpoint(_last(tmp_path))["state_dict"]["train_steps"])
     assert after > steps and after % 10 == 0
     assert np.isfinite(after)
+
+
+def test_a_fit_stopped_in_its_first_iteration_keeps_writing_last_ckpt_after_the_resume(
+    tmp_path, maze_file
+):
+    """SIGTERM before the first iteration ends: `last.ckpt` is SaveOnSigterm's, written before
+    the iteration checkpoint ever wrote. After the resume the iteration checkpoint must go on
+    writing `last.ckpt` (what the next resume reads), not a `last-v1.ckpt` beside a stale one."""
+    long_first = ("--data.num_steps_per_iter", "600", "--trainer.max_epochs", "2")
+    proc = subprocess.Popen(_fit_cmd(maze_file, *long_first), cwd=tmp_path, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:  # stop it once it trains, long before step 600
+        _wait_for(lambda: _logged(tmp_path, "train/critic_loss") >= 1 or proc.poll() is not None)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    stopped = load_checkpoint(_last(tmp_path))
+    assert stopped["epoch"] == 0 and int(stopped["state_dict"]["train_steps"]) < 600
+
+    done = subprocess.run(_fit_cmd(maze_file, *long_first, "--ckpt_path", "last"), cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = _last(tmp_path).parent
+    assert sorted(p.name for p in folder.glob("last*.ckpt")) == ["last.ckpt"]
+    final = load_checkpoint(_last(tmp_path))
+    assert (final["epoch"], int(final["state_dict"]["train_steps"])) == (1, 1200)
