@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -291,13 +292,37 @@ def test_a_study_split_across_two_machines_merges_into_the_same_report(
         return [r for r in runs if r.data.tags.get("qt.study.kind") == "fit"]
 
     assert sorted(int(r.data.tags["seed"]) for r in fits()) == [0, 0, 0, 0]
+    parent = client.search_runs([exp_id], "tags.`qt.study.kind` = 'study'")[0]
+    assert parent.info.status == "FINISHED"  # this machine's share is done
 
-    other = str(uninterrupted[0] / "runs" / "mlflow.db")
-    merged = _run(folder, "merge", "tiny", other)
-    assert "copied 4 jobs" in merged.stdout and "(4 were done here already" in merged.stdout
-    copied = [r for r in fits() if r.data.tags["seed"] == "1"]
-    assert len(copied) == 4
+    # the other machine's store, with a finished fit of an older version of the study file
+    shutil.copytree(
+        uninterrupted[0] / "runs", tmp_path / "there", ignore=shutil.ignore_patterns("*.lock")
+    )
+    other = str(tmp_path / "there" / "mlflow.db")
     source = mlflow.MlflowClient(f"sqlite:///{other}")
+    src_exp = source.get_experiment_by_name("study-tiny").experiment_id
+    old = source.create_run(
+        src_exp, tags={"study": "tiny", "qt.study.kind": "fit", "qt.study.key": "0123456789abcdef"}
+    )
+    source.set_terminated(old.info.run_id, "FINISHED")
+    # and here, a seed-1 fit that finished untested after the other machine's fit had started
+    src_fit = next(
+        r for r in source.search_runs([src_exp], "tags.seed = '1' and tags.`qt.study.kind` = 'fit'")
+    )
+    late = client.create_run(exp_id, start_time=src_fit.info.start_time + 60_000,
+                             tags={**{k: v for k, v in src_fit.data.tags.items() if not k.startswith("mlflow.")}})  # fmt: skip
+    client.set_terminated(late.info.run_id, "FINISHED")
+
+    merged = _run(folder, "merge", "tiny", str(tmp_path / "there"))  # the folder holding mlflow.db
+    assert (
+        "copied 4 jobs" in merged.stdout and "(4 were done here already" in merged.stdout
+        and "1 finished fits there are of another version of the study file, left there" in merged.stdout
+    )  # fmt: skip
+    copied = [
+        r for r in fits() if r.data.tags["seed"] == "1" and "qt.study.source_run" in r.data.tags
+    ]
+    assert len(copied) == 4
     for run in copied:  # every metric's whole history, the times and the parameters come over
         original = source.get_run(run.data.tags["qt.study.source_run"])
         assert run.info.status == "FINISHED" and run.data.params == original.data.params
@@ -313,7 +338,7 @@ def test_a_study_split_across_two_machines_merges_into_the_same_report(
     _assert_same_report(folder / "results" / "tiny", uninterrupted[0] / "results" / "tiny")
     again = _run(folder, "merge", "tiny", other)  # nothing left to copy: nothing is replaced
     assert "copied 0 jobs" in again.stdout and "(8 were done here already" in again.stdout
-    assert len(fits()) == 8
+    assert len(fits()) == 9  # 4 made here, 1 made here and never tested, 4 copied
 
 
 def test_a_merge_of_another_study_file_stops_before_writing(tmp_path, data, uninterrupted):
@@ -332,9 +357,13 @@ def test_a_merge_of_another_study_file_stops_before_writing(tmp_path, data, unin
             [_client(dest).get_experiment_by_name("study-tiny").experiment_id]
         )
     )
+    (other / "notes.txt").write_text("not a store")
+    (other / "empty").mkdir()
     for src, message in [
-        (str(other / "mlflow.db"), "error: merge source '{src}' holds finished fits of study 'tiny' that are not jobs of the study as it ran here (keys 0123456789abcdef)"),
+        (str(other / "mlflow.db"), "error: merge source '{src}' holds no finished fit of study 'tiny' as it ran here (its 1 have other keys, e.g. 0123456789abcdef)"),
         (str(other / "nowhere.db"), "error: merge source '{src}': expected another machine's MLflow store"),
+        (str(other / "notes.txt"), "error: merge source '{src}': expected another machine's MLflow store"),
+        (str(other / "empty"), "error: merge source '{src}': expected another machine's MLflow store"),
     ]:  # fmt: skip
         proc = subprocess.run(_cmd("merge", "tiny", src), cwd=dest, env=_env(), capture_output=True,
                               text=True)  # fmt: skip
@@ -452,3 +481,16 @@ def test_the_study_files_of_the_repository_parse(path, monkeypatch):
                 for part in key.split("."):
                     node = node[part]
                 assert node == value, key
+
+
+@pytest.mark.parametrize("seeds", [[7], [0, 0]])
+def test_seeds_outside_the_study_file_stop_with_one_sentence(tmp_path, data, monkeypatch, seeds):
+    monkeypatch.chdir(tmp_path)
+    study = load_study(_write(tmp_path, _study(data)))
+    given = " ".join(map(str, seeds))
+    with pytest.raises(StudyError) as err:
+        study.select_seeds(seeds)
+    assert str(err.value.code) == (
+        f"error: --seeds {given}: expected distinct seeds of the study file's [0, 1]."
+    )
+    assert study.selected is None and len([j for j in study.jobs() if study.runs_here(j)]) == 8

@@ -52,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds is not None:
             study.select_seeds(args.seeds)
         if args.check:
-            print(f"[study] {study.name}: {len(study.jobs())} runs; the study file is valid.")
+            here = (
+                ""
+                if study.selected is None
+                else f", {sum(map(study.runs_here, study.jobs()))} of them here"
+            )
+            print(f"[study] {study.name}: {len(study.jobs())} runs{here}; the study file is valid.")
             return 0
         from qt.study.runner import run as run_study
 
@@ -62,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
         n = merge_study(args.name, args.source, args.save_dir)
         print(f"[study] {args.name}: copied {n['copied']} jobs from {args.source} "
-              f"({n['here']} were done here already, {n['absent']} are done on neither); "
+              f"({n['here']} were done here already, {n['absent']} are done on neither"
+              f"{_other(n['other'])}); "
               f"`python -m qt.study report {args.name}` reports them.", flush=True)  # fmt: skip
         return 0
     study = rep.study_from_store(args.name, args.save_dir, args.results)
@@ -70,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     print(result.markdown(), flush=True)
     print(f"[study] report: {path}/", flush=True)
     return 0
+
+
+def _other(n: int) -> str:
+    return (
+        f"; {n} finished fits there are of another version of the study file, left there"
+        if n
+        else ""
+    )
 
 
 if __name__ == "__main__":

@@ -30,32 +30,53 @@ BATCH = {"metrics": 1000, "params": 100}  # MLflow's log_batch limits
 
 
 def source_uri(source: str) -> str:
-    """SOURCE as a tracking URI: an existing file is a SQLite store, a URI is taken as is."""
-    if "://" in source:
-        return source
-    path = Path(source)
+    """SOURCE as a tracking URI. A file (or a folder holding `mlflow.db`) must be an MLflow
+    SQLite store, checked read-only: MLflow would otherwise create its tables in it."""
+    if "://" in source and not source.startswith("sqlite:"):
+        return source  # a tracking server: MLflow says itself when it cannot reach it
+    path = Path(source.removeprefix("sqlite:///") if source.startswith("sqlite:") else source)
+    if path.is_dir():
+        path = path / "mlflow.db"
+    expected = ("expected another machine's MLflow store: the path of its mlflow.db file (or of "
+                "the folder holding it) or a tracking URI")  # fmt: skip
     if not path.is_file():
-        raise StudyError(
-            f"merge source {source!r}: expected another machine's MLflow store, the path of its "
-            "mlflow.db file or a tracking URI (sqlite:///..., http://...), and there is no such file."
-        )  # fmt: skip
+        raise StudyError(f"merge source {source!r}: {expected}, and {str(path)!r} does not exist.")
+    if not _is_mlflow_store(path):
+        raise StudyError(f"merge source {source!r}: {expected}, and {str(path)!r} is not one.")
     return f"sqlite:///{path.resolve()}"
+
+
+def _is_mlflow_store(path: Path) -> bool:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True) as con:
+            names = {
+                r[0] for r in con.execute("select name from sqlite_master where type = 'table'")
+            }
+    except sqlite3.DatabaseError:  # not SQLite at all
+        return False
+    return {"experiments", "runs", "metrics", "params", "tags"} <= names
 
 
 def merge(name: str, source: str, save_dir: str = "runs") -> dict[str, int]:
     """Copy study `name`'s done jobs from `source` into the store under `save_dir`.
 
     Returns counts: `copied` jobs, `here` (done here already, left alone), `absent` (not done
-    in the source either). Raises StudyError (one sentence) before writing anything when the
-    source does not hold the study or holds finished runs of jobs this study does not have.
+    in the source either), `other` (finished fits in the source that are not jobs of this study,
+    left there). Raises StudyError (one sentence) before writing anything when the source is
+    not an MLflow store, does not hold the study, or holds none of its jobs.
     """
     import mlflow
+
+    from qt.study.runner import _lock
 
     study = rep.study_from_store(name, save_dir)  # the study as it last ran here
     client, uri = rep.client_for(study)
     src_uri = source_uri(source)
     if src_uri == uri:
         raise StudyError(f"merge source {source!r} is this study's own store ({uri}).")
+    lock = _lock(study)  # noqa: F841 (no `run` of the study here while runs are copied)
     src = mlflow.MlflowClient(src_uri)
     src_exp = src.get_experiment_by_name(study.experiment)
     if src_exp is None:
@@ -63,15 +84,14 @@ def merge(name: str, source: str, save_dir: str = "runs") -> dict[str, int]:
             f"merge source {source!r} has no experiment {study.experiment!r}: it never ran study {name!r}."
         )  # fmt: skip
     keys = {job.key for job in study.jobs()}
-    strangers = sorted(
-        {r.data.tags.get("qt.study.key", "?") for r in rep.study_runs(src, src_exp.experiment_id, name)
-         if r.data.tags.get("qt.study.kind") == "fit" and r.info.status == "FINISHED"} - keys
-    )  # fmt: skip
-    if strangers:
+    fits = {r.data.tags.get("qt.study.key", "?") for r in rep.study_runs(src, src_exp.experiment_id, name)
+            if r.data.tags.get("qt.study.kind") == "fit" and r.info.status == "FINISHED"}  # fmt: skip
+    strangers = sorted(fits - keys)
+    if fits and not fits & keys:
         raise StudyError(
-            f"merge source {source!r} holds finished fits of study {name!r} that are not jobs of "
-            f"the study as it ran here (keys {', '.join(strangers)}): the two machines ran "
-            "different study files (config, overrides or test episodes differ), so nothing was merged."
+            f"merge source {source!r} holds no finished fit of study {name!r} as it ran here (its "
+            f"{len(fits)} have other keys, e.g. {', '.join(strangers[:3])}): the two machines "
+            "ran different study files (config, overrides or test episodes), so nothing was merged."
         )  # fmt: skip
 
     exp_id = client.get_experiment_by_name(study.experiment).experiment_id
@@ -80,14 +100,18 @@ def merge(name: str, source: str, save_dir: str = "runs") -> dict[str, int]:
     there = rep.job_states(src, src_exp.experiment_id, study)
     todo = [s for s in there if s.done and not here[s.job.key].done]
     counts = {"copied": len(todo), "here": sum(s.done for s in here.values()),
-              "absent": sum(not s.done and not here[s.job.key].done for s in there)}  # fmt: skip
+              "absent": sum(not s.done and not here[s.job.key].done for s in there),
+              "other": len(strangers)}  # fmt: skip
 
     created: list[str] = []
     try:
         for state in todo:
             extra = {"mlflow.parentRunId": parent.info.run_id, "qt.study.merged_from": src_uri}
-            fit_id = _copy_run(src, client, state.fit, exp_id, extra, created)
+            fit_id = _copy_run(src, client, state.fit, exp_id, extra, created, finish=False)
             _copy_run(src, client, state.test, exp_id, {**extra, "qt.study.fit_run": fit_id}, created)  # fmt: skip
+            # the fit is finished last: a merge killed before this leaves a RUNNING fit without
+            # checkpoints, which `run` marks KILLED and starts afresh, and `merge` copies again
+            client.set_terminated(fit_id, state.fit.info.status, end_time=state.fit.info.end_time)
     except BaseException:
         for run_id in created:  # a half-merged job would read as a fit to resume
             client.delete_run(run_id)
@@ -95,7 +119,9 @@ def merge(name: str, source: str, save_dir: str = "runs") -> dict[str, int]:
     return counts
 
 
-def _copy_run(src, dst, run, exp_id: str, extra: dict, created: list[str]) -> str:
+def _copy_run(
+    src, dst, run, exp_id: str, extra: dict, created: list[str], finish: bool = True
+) -> str:
     from mlflow.entities import Metric, Param
 
     tags = {k: v for k, v in run.data.tags.items() if k != "mlflow.runName"}
@@ -114,5 +140,6 @@ def _copy_run(src, dst, run, exp_id: str, extra: dict, created: list[str]) -> st
     ]
     for i in range(0, len(metrics), BATCH["metrics"]):
         dst.log_batch(run_id, metrics=metrics[i : i + BATCH["metrics"]])
-    dst.set_terminated(run_id, run.info.status, end_time=run.info.end_time)
+    if finish:
+        dst.set_terminated(run_id, run.info.status, end_time=run.info.end_time)
     return run_id

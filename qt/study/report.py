@@ -75,12 +75,15 @@ def job_states(client, experiment_id: str, study: Study) -> list[JobState]:
     for job in study.jobs():
         mine = [r for r in runs if r.data.tags.get("qt.study.key") == job.key]
         fits = [r for r in mine if r.data.tags.get("qt.study.kind") == "fit"]
-        # the finished fit if there is one, else the newest (runs are newest first)
-        fit = next((r for r in fits if r.info.status == "FINISHED"), fits[0] if fits else None)
-        tests = [r for r in mine if r.data.tags.get("qt.study.kind") == "test"
-                 and fit is not None and r.data.tags.get("qt.study.fit_run") == fit.info.run_id
-                 and r.info.status == "FINISHED"]  # fmt: skip
-        states.append(JobState(job, fit, tests[0] if tests else None))
+        tests = {r.data.tags.get("qt.study.fit_run"): r for r in reversed(mine)
+                 if r.data.tags.get("qt.study.kind") == "test" and r.info.status == "FINISHED"}  # fmt: skip
+        finished = [r for r in fits if r.info.status == "FINISHED"]
+        # a finished fit with a finished test if there is one (a job merged from another store
+        # keeps its start time, so it may be older than a fit made here), else the newest
+        # finished fit, else the newest fit (runs are newest first)
+        fit = next((r for r in finished if r.info.run_id in tests), None)
+        fit = fit or next(iter(finished), fits[0] if fits else None)
+        states.append(JobState(job, fit, tests.get(fit.info.run_id) if fit else None))
     return states
 
 

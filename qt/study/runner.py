@@ -225,14 +225,17 @@ def _lock(study: Study):
 
 def _close_stale_runs(client, exp_id: str, study: Study, specs: list[dict]) -> None:
     """Runs left RUNNING by a killed study (none can be alive: this process holds the study's
-    lock) are marked KILLED, except the fits about to be resumed."""
+    lock) are marked KILLED, except the fits about to be resumed; with `--seeds`, only runs of
+    the seeds run here (a shared tracking server may hold other machines' live runs)."""
     resumed = {spec.get("fit_run_id") for spec in specs if "resume" in spec}
+    mine = {j.key for j in study.jobs() if study.runs_here(j)}  # other seeds: other machines'
     for run in rep.study_runs(client, exp_id, study.name):
         kind = run.data.tags.get("qt.study.kind")
         if (
             kind in ("fit", "test")
             and run.info.status == "RUNNING"
             and run.info.run_id not in resumed
+            and run.data.tags.get("qt.study.key") in mine
         ):
             client.set_terminated(run.info.run_id, "KILLED")
 
