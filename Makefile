@@ -40,9 +40,9 @@ test-all: setup  ## every test this machine can run, slow ones included
 data: setup  ## generate the maze2d-umaze dataset at D4RL's size (1M steps; Minari + hdf5 in ./data; kept when there)
 	$(BIN)/python -m qt.datagen maze2d-umaze-v1
 
-study: setup  ## run or resume a study: make study STUDY=configs/studies/maze2d-umaze-cpu.yaml
+study: setup  ## run or resume a study: make study STUDY=configs/studies/maze2d-umaze-cpu.yaml [SEEDS="2 3"]
 	@test -n "$(STUDY)" || { echo "error: STUDY=<study file> is required, e.g. STUDY=configs/studies/maze2d-umaze-cpu.yaml"; exit 2; }
-	$(BIN)/python -m qt.study run $(STUDY) $(if $(BACKEND),--backend $(BACKEND))
+	$(BIN)/python -m qt.study run $(STUDY) $(if $(BACKEND),--backend $(BACKEND)) $(if $(SEEDS),--seeds $(SEEDS))
 
 report: setup  ## write a study's report from MLflow: make report NAME=maze2d-umaze-cpu
 	@test -n "$(NAME)" || { echo "error: NAME=<study name> is required, e.g. NAME=maze2d-umaze-cpu"; exit 2; }
