@@ -52,11 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds is not None:
             study.select_seeds(args.seeds)
         if args.check:
-            here = (
-                ""
-                if study.selected is None
-                else f", {sum(map(study.runs_here, study.jobs()))} of them here"
-            )
+            here = "" if study.selected is None else f", {len(study.jobs_here())} of them here"
             print(f"[study] {study.name}: {len(study.jobs())} runs{here}; the study file is valid.")
             return 0
         from qt.study.runner import run as run_study

@@ -69,14 +69,14 @@ def merge(name: str, source: str, save_dir: str = "runs") -> dict[str, int]:
     """
     import mlflow
 
-    from qt.study.runner import _lock
+    from qt.study.runner import lock_study
 
     study = rep.study_from_store(name, save_dir)  # the study as it last ran here
     client, uri = rep.client_for(study)
     src_uri = source_uri(source)
     if src_uri == uri:
         raise StudyError(f"merge source {source!r} is this study's own store ({uri}).")
-    lock = _lock(study)  # noqa: F841 (no `run` of the study here while runs are copied)
+    lock = lock_study(study)  # noqa: F841 (no `run` of the study here while runs are copied)
     src = mlflow.MlflowClient(src_uri)
     src_exp = src.get_experiment_by_name(study.experiment)
     if src_exp is None:

@@ -205,7 +205,7 @@ def _ray(study, todo, specs, logs, progress, exp_id, address: str | None) -> int
         ray.shutdown()
 
 
-def _lock(study: Study):
+def lock_study(study: Study):
     """One process per study at a time: the lock dies with its process, even by SIGKILL."""
     import fcntl
 
@@ -228,7 +228,7 @@ def _close_stale_runs(client, exp_id: str, study: Study, specs: list[dict]) -> N
     lock) are marked KILLED, except the fits about to be resumed; with `--seeds`, only runs of
     the seeds run here (a shared tracking server may hold other machines' live runs)."""
     resumed = {spec.get("fit_run_id") for spec in specs if "resume" in spec}
-    mine = {j.key for j in study.jobs() if study.runs_here(j)}  # other seeds: other machines'
+    mine = {j.key for j in study.jobs_here()}  # other seeds: other machines'
     for run in rep.study_runs(client, exp_id, study.name):
         kind = run.data.tags.get("qt.study.kind")
         if (
@@ -242,9 +242,9 @@ def _close_stale_runs(client, exp_id: str, study: Study, specs: list[dict]) -> N
 
 # ---------------------------------------------------------------------------- entry point
 def run(study: Study, backend: str = "local", address: str | None = None) -> int:
-    lock = _lock(study)  # noqa: F841 (held to the end of the process)
+    lock = lock_study(study)  # noqa: F841 (held to the end of the process)
     client, uri, exp_id, parent_id = open_store(study)
-    jobs = [j for j in study.jobs() if study.runs_here(j)]
+    jobs = study.jobs_here()
     todo = _plan(study, client, exp_id)
     specs = [_spec(study, s, exp_id, parent_id) for s in todo]
     _close_stale_runs(client, exp_id, study, specs)
@@ -252,7 +252,7 @@ def run(study: Study, backend: str = "local", address: str | None = None) -> int
     tests_only = sum(s.fit_finished for s in todo)
     _say(
         f"{study.name}: {len(study.jobs())} runs ({len(study.tasks)} tasks x {len(study.variants)} "
-        f"variants x {len(study.seeds)} seeds){_here(study)}; {len(jobs) - len(todo)} finished, "
+        f"variants x {len(study.seeds)} seeds){_here(study, len(jobs))}; {len(jobs) - len(todo)} finished, "
         f"{resumed} to resume from last.ckpt, {tests_only} to test, "
         f"{len(todo) - resumed - tests_only} to start; backend {backend}, "
         f"{study.workers} workers x {study.threads_per_worker} threads; MLflow {uri}, "
@@ -284,8 +284,7 @@ def run(study: Study, backend: str = "local", address: str | None = None) -> int
     return 1 if failed or missing else 0
 
 
-def _here(study: Study) -> str:
+def _here(study: Study, n: int) -> str:
     if study.selected is None:
         return ""
-    n = len(study.selected) * len(study.tasks) * len(study.variants)
     return f", {n} of them here (seeds {', '.join(map(str, study.selected))})"

@@ -117,6 +117,10 @@ class Study:
     def runs_here(self, job: Job) -> bool:
         return self.selected is None or job.seed in self.selected
 
+    def jobs_here(self) -> list[Job]:
+        """The jobs of the seeds this machine runs (all of them without `select_seeds`)."""
+        return [job for job in self.jobs() if self.runs_here(job)]
+
     def jobs(self) -> list[Job]:
         config_text = _config_text(self.config) if self.keys is None else ""
         keys = iter(self.keys or [])
