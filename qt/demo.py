@@ -1,11 +1,13 @@
-"""`python -m qt.demo` (`make demo`): QT and its Decision Transformer baseline on maze2d-umaze.
+"""`python -m qt.demo` (`make demo`): QT and its Decision Transformer baseline on maze2d-medium.
 
-1. Generates the maze2d-umaze dataset by the D4RL protocol (1M steps, under a minute), or
-   reuses it: a Minari dataset and its D4RL hdf5 twin in qt's data root ($QT_DATA_DIR, else ./data).
+1. Generates the dataset of configs/demo.yaml's task (maze2d-medium-v1) by the D4RL protocol
+   at D4RL's size (2M steps, about 4 minutes), or reuses it: a Minari dataset and its D4RL
+   hdf5 twin in qt's data root ($QT_DATA_DIR, else ./data).
 2. Trains QT (configs/demo.yaml) and the DT baseline (`eta 0`, `rtg_no_q`, `infer_no_q`) side
    by side, one process and one thread each, with `cli.py fit`; both log to MLflow. Both are
-   evaluated after every second iteration (`--eval-every`): QT's acting runs the transformer
-   on 50 return-to-go candidates per step, and its evaluations are most of the demo's time.
+   evaluated after every second iteration (`--eval-every`; the demo's two iterations give one
+   evaluation, at the end): QT's acting runs the transformer on 50 return-to-go candidates per
+   step.
 3. Tests each best checkpoint with `cli.py test` and prints a table: the dataset's average
    return, the evaluation episodes' returns and lengths, the normalised scores, and where the
    MLflow runs are.
@@ -20,9 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
-TASK = "maze2d-umaze-v1"
 CONFIG = ROOT / "configs" / "demo.yaml"
+TASK = yaml.safe_load(CONFIG.read_text())["data"]["task"]
 EXPERIMENT = "qt-demo"
 DT_ARGS = ["--model.eta", "0", "--model.rtg_no_q", "true", "--model.infer_no_q", "true"]
 
@@ -88,7 +92,7 @@ def _best_checkpoint(run) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qt.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset-steps", type=int, default=None, help="default: D4RL's 1M")
+    parser.add_argument("--dataset-steps", type=int, default=None, help="default: D4RL's size")
     parser.add_argument("--epochs", type=int, default=None, help="default: configs/demo.yaml")
     parser.add_argument("--steps-per-epoch", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -121,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "--evaluation.eval_every_n_epochs",
         str(args.eval_every),
     ]
-    if args.epochs is not None:
-        common += ["--trainer.max_epochs", str(args.epochs), "--model.max_iters", str(args.epochs)]
+    if args.epochs is not None:  # the learning-rate schedule (T_max) stays configs/demo.yaml's
+        common += ["--trainer.max_epochs", str(args.epochs)]
     if args.steps_per_epoch is not None:
         common += ["--data.num_steps_per_iter", str(args.steps_per_epoch)]
     import mlflow
