@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install qt with dev tools (quick when done)
 
-demo: setup  ## generate (or reuse) the maze2d-medium dataset, train QT and the DT baseline, evaluate
+demo: setup  ## generate (or reuse) maze2d-medium data, train QT and the DT baseline, evaluate
 	$(BIN)/python -m qt.demo
 
 test: setup  ## the fast test suite (what CI runs)
