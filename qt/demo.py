@@ -1,7 +1,7 @@
 """`python -m qt.demo` (`make demo`): QT and its Decision Transformer baseline on maze2d-medium.
 
 1. Generates the dataset of configs/demo.yaml's task (maze2d-medium-v1) by the D4RL protocol
-   at D4RL's size (2M steps, about 4 minutes), or reuses it: a Minari dataset and its D4RL
+   at D4RL's size (2M steps, 2-4 minutes), or reuses it: a Minari dataset and its D4RL
    hdf5 twin in qt's data root ($QT_DATA_DIR, else ./data).
 2. Trains QT (configs/demo.yaml) and the DT baseline (`eta 0`, `rtg_no_q`, `infer_no_q`) side
    by side, one process and one thread each, with `cli.py fit`; both log to MLflow. Both are

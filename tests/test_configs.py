@@ -214,3 +214,25 @@ def test_an_unknown_float32_matmul_precision_is_refused(fake_d4rl_dir, capsys):
     err = capsys.readouterr().err
     # the error itself, not the usage text (which names the option whatever went wrong)
     assert "float32_matmul_precision" in err and "Got value: tf32" in err
+
+
+def test_the_demo_is_the_maze2d_medium_width_64_study_cut_to_two_iterations(fake_d4rl_dir):
+    # the README says the demo is seed 0 of configs/studies/maze2d-medium-cpu-w64.yaml stopped
+    # after its second iteration: every setting but the number of iterations (and where MLflow
+    # files the runs) must be the study's fit config's, the learning-rate schedule included
+    import qt.demo
+
+    study_file = yaml.safe_load((ROOT / "configs/studies/maze2d-medium-cpu-w64.yaml").read_text())
+    assert study_file["config"] == "configs/cpu/maze2d-medium-w64.yaml"
+    demo_path, study_path = ROOT / "configs/demo.yaml", ROOT / study_file["config"]
+    tasks = [yaml.safe_load(p.read_text())["data"]["task"] for p in (demo_path, study_path)]
+    assert tasks == [qt.demo.TASK, "maze2d-medium-v1"] and qt.demo.TASK == "maze2d-medium-v1"
+    demo, _ = _resolved(demo_path, fake_d4rl_dir)
+    study, _ = _resolved(study_path, fake_d4rl_dir)
+    assert (demo["trainer"]["max_epochs"], study["trainer"]["max_epochs"]) == (2, 3)
+    # T_max of the cosine decay is the published 100 iterations in both, not the run's length
+    assert demo["model"]["max_iters"] == study["model"]["max_iters"] == 100
+    for section in ("model", "data", "evaluation", "targets", "seed_everything"):
+        assert demo[section] == study[section], section
+    differ = {k for k in demo["trainer"] if demo["trainer"][k] != study["trainer"][k]}
+    assert differ == {"max_epochs"}
