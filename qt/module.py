@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -152,16 +153,37 @@ class QTModule(L.LightningModule):
         return [actor_opt, critic_opt], schedulers
 
     def training_step(self, batch: Segments, batch_idx: int) -> None:
-        hp = self.hparams
         actor_opt, critic_opt = self.optimizers()
+        metrics = self.train_step(batch, actor_opt, critic_opt, self.manual_backward)
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def train_step(
+        self,
+        batch: Segments,
+        actor_opt,
+        critic_opt,
+        backward: Callable[[torch.Tensor], None],
+        stop_nonfinite: bool = False,
+    ) -> dict[str, torch.Tensor | float]:
+        """One training step (critic, then actor) with the given optimisers; its metrics.
+
+        `training_step` passes Lightning's optimisers and `manual_backward`; a packed fit run as
+        a loop (`qt.pack.loop`) passes each member's own Adam pair and `Tensor.backward`, so
+        every member takes exactly this step. With `stop_nonfinite`, a half-step whose loss or
+        gradient norm is not finite is not applied (its optimizer does not step) and the metrics
+        carry `train/nonfinite` 1.0; the step count then stays where it was.
+        """
+        hp = self.hparams
         coin_gen, noise_gen = self._step_generators()
 
         # ---- critic: n-step targets from the EMA actor and the target critic
         critic_loss, target_q, rewards = self._critic_loss(batch, noise_gen)
         critic_opt.zero_grad(set_to_none=True)
-        self.manual_backward(critic_loss)
+        backward(critic_loss)
         critic_grad_norm = _clip(self.critic.parameters(), hp.grad_norm)
-        critic_opt.step()
+        finite = not stop_nonfinite or _finite(critic_loss, critic_grad_norm)
+        if finite:
+            critic_opt.step()
 
         # ---- actor: behaviour cloning plus the normalised Q term. `rewards` is the batch's
         # with rewards[:, K-1] zeroed when the critic's targets did so (the reference zeroes
@@ -184,27 +206,28 @@ class QTModule(L.LightningModule):
         actor_loss = self.eta2.to(bc_loss.dtype) * bc_loss + hp.eta * q_loss
 
         actor_opt.zero_grad(set_to_none=True)
-        self.manual_backward(actor_loss)
+        backward(actor_loss)
         actor_grad_norm = _clip(self.actor.parameters(), hp.grad_norm)
-        actor_opt.step()
-        self._steps += 1
-        self.train_steps.fill_(self._steps)
+        finite = finite and (not stop_nonfinite or _finite(actor_loss, actor_grad_norm))
+        if finite:
+            actor_opt.step()
+            self._steps += 1
+            self.train_steps.fill_(self._steps)
 
-        self.log_dict(
-            {
-                "train/critic_loss": critic_loss.detach(),
-                "train/bc_loss": bc_loss.detach(),
-                "train/q_loss": q_loss.detach(),
-                "train/actor_loss": actor_loss.detach(),
-                "train/target_q_mean": target_q.mean(),
-                "train/actor_grad_norm": actor_grad_norm,
-                "train/critic_grad_norm": critic_grad_norm,
-                "lr/actor": actor_opt.param_groups[0]["lr"],
-                "lr/critic": critic_opt.param_groups[0]["lr"],
-            },
-            on_step=True,
-            on_epoch=False,
-        )
+        metrics = {
+            "train/critic_loss": critic_loss.detach(),
+            "train/bc_loss": bc_loss.detach(),
+            "train/q_loss": q_loss.detach(),
+            "train/actor_loss": actor_loss.detach(),
+            "train/target_q_mean": target_q.mean(),
+            "train/actor_grad_norm": actor_grad_norm,
+            "train/critic_grad_norm": critic_grad_norm,
+            "lr/actor": actor_opt.param_groups[0]["lr"],
+            "lr/critic": critic_opt.param_groups[0]["lr"],
+        }
+        if stop_nonfinite:
+            metrics["train/nonfinite"] = torch.tensor(0.0 if finite else 1.0)
+        return metrics
 
     def _step_generators(self) -> tuple[torch.Generator, torch.Generator]:
         """Random streams of this step, functions of (seed, step) only.
@@ -275,6 +298,11 @@ def _clip(params, max_norm: float) -> torch.Tensor:
     params = [p for p in params if p.grad is not None]
     limit = max_norm if max_norm > 0 else math.inf
     return nn.utils.clip_grad_norm_(params, max_norm=limit, norm_type=2.0, foreach=True)
+
+
+def _finite(*values: torch.Tensor) -> bool:
+    """Whether every value is finite (one host synchronisation; the packed loop's guard)."""
+    return bool(torch.isfinite(torch.stack([v.detach().float() for v in values])).all())
 
 
 def _mix(*parts: int) -> int:

@@ -145,12 +145,21 @@ class Evaluation(L.Callback):
         env.close()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch
+        metrics = self.evaluate_iteration(trainer, pl_module, trainer.current_epoch)
+        if metrics is not None:
+            pl_module.log_dict(metrics, on_epoch=True, sync_dist=False, rank_zero_only=False)
+
+    def evaluate_iteration(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, label: str = ""
+    ) -> dict[str, float] | None:
+        """The evaluation after iteration `epoch` (None when it has none): the episodes, the
+        best so far, the console line. A packed fit calls it for each member, with the member's
+        module and `label` naming the member in the lines it prints."""
         if (epoch + 1) % self.eval_every_n_epochs:
-            return
+            return None
         seeds = [self.seed + 100_000 * epoch + i for i in range(self.num_eval_episodes)]
         of = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
-        say(trainer, f"iteration {epoch + 1}{of}: evaluating {len(seeds)} episodes ...")
+        say(trainer, f"{label}iteration {epoch + 1}{of}: evaluating {len(seeds)} episodes ...")
         start = time.perf_counter()
         summary = self.evaluate(trainer, pl_module, seeds)
         self._video(trainer, pl_module, seeds[0], f"epoch{epoch:04d}")
@@ -163,15 +172,16 @@ class Evaluation(L.Callback):
             best_key = key.replace("eval/", "eval/best_")
             self.best[best_key] = max(self.best.get(best_key, -math.inf), metrics[key])
         metrics.update(self.best)
-        pl_module.log_dict(metrics, on_epoch=True, sync_dist=False, rank_zero_only=False)
         say(
             trainer,
-            f"iteration {epoch + 1}{of}: normalized score {metrics['eval/normalized_score']:.2f} "
+            f"{label}iteration {epoch + 1}{of}: normalized score "
+            f"{metrics['eval/normalized_score']:.2f} "
             f"(best {self.best['eval/best_normalized_score']:.2f}, iteration "
             f"{self.best_iteration}), return {metrics['eval/return_mean']:.2f} "
             f"± {metrics['eval/return_std']:.2f}, length {metrics['eval/length_mean']:.0f}; "
             f"{len(seeds)} episodes in {time.perf_counter() - start:.1f} s",
         )
+        return metrics
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._final(trainer, pl_module, "test")
