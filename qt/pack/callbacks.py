@@ -96,11 +96,12 @@ class PackedMembers(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         for m in self.members:
             view = m.trainer_view(trainer)
-            if not m.logger.experiment.get_run(m.logger.run_id).data.params:
-                m.logger.log_hyperparams(m.hparams)  # a fit's Lightning logs them when new
-            for cb in m.callbacks:
+            new = not m.logger.experiment.get_run(m.logger.run_id).data.params
+            for cb in m.callbacks:  # first, as in a fit (its setup)
                 if hasattr(cb, "save_config"):  # cli.py's MLflowConfig: the resolved config
                     cb.save_config(view, None, "fit")
+            if new:  # Lightning logs the module's hyperparameters when the run is new
+                m.logger.log_hyperparams(m.hparams)
             m.ckpt_dir.mkdir(parents=True, exist_ok=True)
             for cb in m.of(ModelCheckpoint):
                 cb.dirpath = str(m.ckpt_dir)
@@ -241,9 +242,11 @@ class PackedCheckpoints(Checkpoint):
                 continue
             current = torch.tensor(m.score, dtype=torch.float32)
             best = cb.best_model_score
-            better = best is None or (
-                current > best if cb.mode == "max" else current < best
-            ) or (math.isnan(float(best)) and not math.isnan(m.score))
+            better = (
+                best is None
+                or (current > best if cb.mode == "max" else current < best)
+                or (math.isnan(float(best)) and not math.isnan(m.score))
+            )
             if not better:
                 cb.current_score = current
                 continue
@@ -300,7 +303,7 @@ def member_checkpoint(trainer: L.Trainer, pl_module, m: Member) -> dict:
         "optimizer_states": pl_module.member_optimizer_states(m.index),
         "lr_schedulers": pl_module.member_scheduler_states(m.index),
         "hparams_name": "kwargs",
-        "hyper_parameters": dict(module.hparams),
+        "hyper_parameters": dict(m.hparams),  # its fit's, with LightningCLI's _instantiator
         type(m.datamodule).__qualname__: m.datamodule.state_dict(),
     }
     return ckpt

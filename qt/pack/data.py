@@ -50,7 +50,9 @@ class PackedDataModule(L.LightningDataModule):
     def __init__(self, members: list[QTDataModule], seeds: list[int]) -> None:
         super().__init__()
         self.members = members
-        self.seeds = [int(dm.seed) if dm.seed is not None else int(s) for dm, s in zip(members, seeds)]
+        self.seeds = [
+            int(dm.seed) if dm.seed is not None else int(s) for dm, s in zip(members, seeds)
+        ]
         first = members[0]
         self.task, self.K, self.batch_size = first.task, first.K, first.batch_size
         self.num_workers = first.num_workers

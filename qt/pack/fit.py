@@ -72,6 +72,7 @@ def _flat(tree, prefix: str = "") -> dict:
 
 def check_compatible(configs: list[dict]) -> None:
     """Members may differ only in their seed and MEMBER_SETTINGS: one sentence naming the key."""
+
     def shared(config: dict) -> dict:
         return {k: v for k, v in _flat(config).items()
                 if k not in _MEMBER_KEYS and not k.startswith(_OWN_KEYS)}  # fmt: skip
@@ -134,7 +135,7 @@ def fit_pack(
     clis = [_member_cli(args) for args in members_args]
     configs = [c.config.fit.as_dict() for c in clis]
     check_compatible(configs)
-    for c, config in zip(clis, configs):
+    for config in configs:
         if config.get("ckpt_path"):
             raise UserError("a pack member cannot resume on its own (ckpt_path): resume the "
                             "pack with --ckpt_path last, or fit the member separately.")  # fmt: skip

@@ -88,6 +88,10 @@ class LoopPackedQTModule(L.LightningModule):
         return float(self.fits[i].eta2)
 
     # ------------------------------------------------------------------ training
+    def configure_optimizers(self) -> None:
+        """Each member's optimisers are its own (`_optimizers`), stepped in `training_step`."""
+        return None
+
     def on_fit_start(self) -> None:
         for fit in self.fits:  # a restored checkpoint's counters reach the host copies
             _sync_host(fit)
