@@ -113,6 +113,7 @@ def fit_pack(
     pack_dir: str | Path | None = None,
     ckpt_path: str | None = None,
     module_class=None,
+    callbacks: list | None = None,
     run: bool = True,
 ) -> PackFit:
     """Train `cli.py fit` configurations (one argument list each) as one pack.
@@ -121,6 +122,7 @@ def fit_pack(
         `<save_dir>/packs/<id>`, the id a hash of the members' run identities and names).
     ckpt_path: "last" resumes the pack from its last.ckpt, each member in its own MLflow run.
     module_class: the packed module (default `default_module_class()`).
+    callbacks: more Lightning callbacks for the pack's trainer.
     """
     from qt.callbacks.console import quiet
     from qt.runtime import keep_freed_memory
@@ -192,7 +194,7 @@ def fit_pack(
         **trainer_args,
         logger=FanOutLogger(loggers),
         callbacks=[PackedTargetNetworks(targets), PackedMembers(pack),
-                   PackedCheckpoints(pack, pack_last)],
+                   PackedCheckpoints(pack, pack_last), *(callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=True,  # PackedCheckpoints is the pack's Checkpoint
     )  # fmt: skip
