@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from qt.callbacks.console import say
+from qt.console import say
 from qt.callbacks.evaluation import Evaluation
 from qt.callbacks.targets import TargetNetworks
 

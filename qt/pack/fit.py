@@ -42,7 +42,7 @@ def default_module_class():
 
 def _member_cli(args: list[str]):
     """`cli.py fit ARGS` parsed and instantiated (seeded model, data, callbacks, logger), not run."""
-    import cli
+    from qt import cli
 
     class MemberCLI(cli.QTCLI):
         def _run_subcommand(self, subcommand) -> None:
@@ -124,7 +124,7 @@ def fit_pack(
     module_class: the packed module (default `default_module_class()`).
     callbacks: more Lightning callbacks for the pack's trainer.
     """
-    from qt.callbacks.console import quiet
+    from qt.console import quiet
     from qt.runtime import keep_freed_memory
     from qt.tracking import IDENTITY_TAG
 

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import torch
 
-import cli
+from qt import cli
 from qt.checkpointing import load_checkpoint
 from qt.datagen.maze2d import generate
 from qt.datagen.writers import write_d4rl_hdf5
