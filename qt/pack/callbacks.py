@@ -24,9 +24,9 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from qt.console import say
 from qt.callbacks.evaluation import Evaluation
 from qt.callbacks.targets import TargetNetworks
+from qt.console import say
 
 
 @dataclass
@@ -74,17 +74,6 @@ class Member:
 def prefix(i: int) -> str:
     """The metric prefix that routes a metric to member i's run (`qt.pack.logger`)."""
     return f"m{i}/"
-
-
-class PackedTargetNetworks(L.Callback):
-    """`TargetNetworks`' schedule for every active member: `update_targets` after each batch."""
-
-    def __init__(self, targets: TargetNetworks) -> None:
-        self.settings = {"ema_decay": targets.ema_decay, "step_start_ema": targets.step_start_ema,
-                         "update_ema_every": targets.update_ema_every, "tau": targets.tau}  # fmt: skip
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        pl_module.update_targets(**self.settings)
 
 
 class PackedMembers(L.Callback):
@@ -309,4 +298,4 @@ def member_checkpoint(trainer: L.Trainer, pl_module, m: Member) -> dict:
     return ckpt
 
 
-__all__ = ["Member", "PackedCheckpoints", "PackedMembers", "PackedTargetNetworks", "prefix"]
+__all__ = ["Member", "PackedCheckpoints", "PackedMembers", "prefix"]

@@ -20,7 +20,7 @@ import lightning as L
 
 from qt.checkpointing import AtomicCheckpointIO, load_checkpoint
 from qt.errors import UserError
-from qt.pack.callbacks import Member, PackedCheckpoints, PackedMembers, PackedTargetNetworks
+from qt.pack.callbacks import Member, PackedCheckpoints, PackedMembers
 from qt.pack.data import PackedDataModule
 from qt.pack.logger import FanOutLogger
 from qt.pack.loop import MEMBER_SETTINGS
@@ -32,11 +32,9 @@ _OWN_KEYS = ("trainer.logger", "ckpt_path")
 
 
 def default_module_class():
-    """The packed module a pack uses: the batched one when this checkout has it."""
-    try:
-        from qt.pack.module import PackedQTModule
-    except ImportError:
-        from qt.pack.loop import LoopPackedQTModule as PackedQTModule
+    """The packed module a pack uses: the batched one (the loop is the tests' reference)."""
+    from qt.pack.module import PackedQTModule
+
     return PackedQTModule
 
 
@@ -113,6 +111,7 @@ def fit_pack(
     pack_dir: str | Path | None = None,
     ckpt_path: str | None = None,
     module_class=None,
+    module_options: dict | None = None,
     callbacks: list | None = None,
     run: bool = True,
 ) -> PackFit:
@@ -122,6 +121,7 @@ def fit_pack(
         `<save_dir>/packs/<id>`, the id a hash of the members' run identities and names).
     ckpt_path: "last" resumes the pack from its last.ckpt, each member in its own MLflow run.
     module_class: the packed module (default `default_module_class()`).
+    module_options: its own options (the batched module's `compile`, `autocast`).
     callbacks: more Lightning callbacks for the pack's trainer.
     """
     from qt.console import quiet
@@ -173,7 +173,7 @@ def fit_pack(
         {"seed": s, **{k: m.hparams[k] for k in MEMBER_SETTINGS}} for s, m in zip(seeds, models)
     ]
     module_class = module_class or default_module_class()
-    module = module_class(members, **shared)
+    module = module_class(members, **(module_options or {}), **shared)
     for i, model in enumerate(models):
         model.rng_seed.fill_(seeds[i] % 2**62)
         module.load_member(i, model, None)
@@ -185,15 +185,18 @@ def fit_pack(
         for i, c in enumerate(clis)
     ]  # fmt: skip
     from qt.callbacks.targets import TargetNetworks
+    from qt.pack.module import PackedTargetNetworks
 
     targets = next(cb for cb in clis[0].trainer.callbacks if isinstance(cb, TargetNetworks))
+    settings = {k: getattr(targets, k) for k in ("ema_decay", "step_start_ema",
+                                                 "update_ema_every", "tau")}  # fmt: skip
     skip = ("logger", "callbacks", "plugins", "enable_checkpointing")
     trainer_args = {k: v for k, v in configs[0]["trainer"].items() if k not in skip}
     trainer_args.update(devices=1, num_nodes=1, strategy="auto")
     trainer = L.Trainer(
         **trainer_args,
         logger=FanOutLogger(loggers),
-        callbacks=[PackedTargetNetworks(targets), PackedMembers(pack),
+        callbacks=[PackedTargetNetworks(**settings), PackedMembers(pack),
                    PackedCheckpoints(pack, pack_last), *(callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=True,  # PackedCheckpoints is the pack's Checkpoint

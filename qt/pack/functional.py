@@ -1,0 +1,166 @@
+"""QT's networks as functions of stacked parameters: every tensor has a leading member dim N.
+
+`QTActor` and `TwinCritic` written once more, for N members at once: each linear layer is one
+batched matmul over the members (`baddbmm` on (N, rows, in) x (N, in, out)), each LayerNorm a
+normalisation followed by the member's own scale and shift. Parameters are dicts keyed by the
+names of `QTActor.named_parameters()` / `TwinCritic.named_parameters()`, each (N, *shape), so a
+member's slice is exactly a separate module's state dict. The maths is the modules' (same
+operations, same order), which the packed-against-separate equality tests check.
+
+Dropout here is `hashed_dropout`: member n's mask at a site is a function of its key (from its
+seed and step), the site and the element's index only, so it does not depend on which other
+members share the pack, works under vmap, and compiles into the surrounding element-wise code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from qt.models.transformer import causal_padding_bias
+
+Params = dict[str, torch.Tensor]
+
+_M32 = 0xFFFFFFFF
+_HASH = 0x45D9F3B  # < 2^31: a product with a 32-bit value stays inside int64
+_GOLDEN = 0x9E3779B9
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply) of int64 tensors holding values in [0, 2^32)."""
+    x = ((x >> 16) ^ x) * _HASH & _M32
+    x = ((x >> 16) ^ x) * _HASH & _M32
+    return (x >> 16) ^ x
+
+
+def uniform_bits(keys: torch.Tensor, site: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-member pseudo-random 32-bit values (as int64) of `shape` (N, ...).
+
+    keys (N, 2) int64 in [0, 2^32): member n's value at element j of `site` is
+    h(h((j + h(keys[n, 0] ^ site * golden)) mod 2^32) ^ keys[n, 1]): a counter-based stream,
+    a function of (key, site, j) alone.
+    """
+    n = shape[0]
+    per_member = math.prod(shape[1:])
+    idx = torch.arange(per_member, device=keys.device, dtype=torch.int64).view(1, *shape[1:])
+    view = (n,) + (1,) * (len(shape) - 1)
+    offset = _hash32(keys[:, 0] ^ ((site * _GOLDEN) & _M32)).view(view)
+    return _hash32(_hash32((idx + offset) & _M32) ^ keys[:, 1].view(view))
+
+
+def hashed_dropout(x: torch.Tensor, p: float, keys: torch.Tensor | None, site: int) -> torch.Tensor:
+    """Dropout of x (N, ...) with member n's mask from `uniform_bits(keys, site)`.
+
+    Keeps an element when its 32-bit value is >= p * 2^32 (keep probability 1 - p to within
+    2^-32) and scales kept ones by 1 / (1 - p), as `F.dropout`. keys None or p 0: identity.
+    """
+    if keys is None or p == 0.0:
+        return x
+    keep = uniform_bits(keys, site, tuple(x.shape)) >= int(round(p * 2**32))
+    return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x (N, ..., in), w (N, out, in), b (N, out) -> (N, ..., out), one batched matmul."""
+    n, fan_in = x.shape[0], x.shape[-1]
+    y = torch.baddbmm(b.unsqueeze(1), x.reshape(n, -1, fan_in), w.transpose(1, 2))
+    return y.view(*x.shape[:-1], w.shape[1])
+
+
+def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float = 1e-5):
+    """LayerNorm over the last dim with member n's weight w[n] and bias b[n] (N, d)."""
+    view = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * w.view(view) + b.view(view)
+
+
+def actor_forward(
+    p: Params,
+    states: torch.Tensor,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    rtg: torch.Tensor,
+    timesteps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    n_layer: int,
+    n_head: int,
+    sar: bool,
+    scale: float,
+    dropout: float,
+    embed_dropout: float,
+    keys: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`QTActor.forward` for N members: inputs (N, B, T, ...); keys None means eval mode.
+
+    Returns (state_preds (N, B, T, S), action_preds (N, B, T, A), reward_preds or None).
+    """
+    N, B, T = states.shape[:3]
+    d = p["embed_state.weight"].shape[1]
+    max_ep_len = p["embed_timestep.weight"].shape[1]
+    # timestep embedding: member n's rows are n * max_ep_len + t of the flattened tables
+    offsets = (torch.arange(N, device=timesteps.device) * max_ep_len).view(N, 1, 1)
+    time_emb = F.embedding(timesteps + offsets, p["embed_timestep.weight"].reshape(-1, d))
+    s_emb = linear(states, p["embed_state.weight"], p["embed_state.bias"])
+    a_emb = linear(actions, p["embed_action.weight"], p["embed_action.bias"])
+    if sar:
+        r_emb = linear(rewards / scale, p["embed_rewards.weight"], p["embed_rewards.bias"])
+        tokens = (s_emb, a_emb, r_emb)
+    else:
+        tokens = (linear(rtg, p["embed_return.weight"], p["embed_return.bias"]), s_emb, a_emb)
+    x = (torch.stack(tokens, dim=3) + time_emb.unsqueeze(3)).reshape(N, B, 3 * T, d)
+    x = layer_norm(x, p["embed_ln.weight"], p["embed_ln.bias"])
+
+    L = 3 * T
+    bias = causal_padding_bias(mask.reshape(N * B, T).repeat_interleave(3, dim=1))
+    x = hashed_dropout(x, embed_dropout, keys, 0)
+    hd = d // n_head
+    for i in range(n_layer):
+        pre = f"transformer.h.{i}."
+        h = layer_norm(x, p[pre + "ln_1.weight"], p[pre + "ln_1.bias"])
+        qkv = linear(h, p[pre + "attn.c_attn.weight"], p[pre + "attn.c_attn.bias"])
+        q, k, v = qkv.view(N * B, L, 3, n_head, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        if keys is not None and dropout > 0.0:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd)) + bias.to(q.dtype)
+            probs = scores.softmax(dim=-1).view(N, B, n_head, L, L)
+            probs = hashed_dropout(probs, dropout, keys, 1 + 3 * i).view(N * B, n_head, L, L)
+            y = probs @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        y = y.transpose(1, 2).reshape(N, B, L, d)
+        y = linear(y, p[pre + "attn.c_proj.weight"], p[pre + "attn.c_proj.bias"])
+        x = x + hashed_dropout(y, dropout, keys, 2 + 3 * i)
+        h = layer_norm(x, p[pre + "ln_2.weight"], p[pre + "ln_2.bias"])
+        h = F.relu(linear(h, p[pre + "mlp.c_fc.weight"], p[pre + "mlp.c_fc.bias"]))
+        h = linear(h, p[pre + "mlp.c_proj.weight"], p[pre + "mlp.c_proj.bias"])
+        x = x + hashed_dropout(h, dropout, keys, 3 + 3 * i)
+    x = layer_norm(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+    h = x.reshape(N, B, T, 3, d)
+
+    def head(name: str, j: int) -> torch.Tensor:
+        return linear(h[:, :, :, j], p[name + ".weight"], p[name + ".bias"])
+
+    if sar:
+        action_preds = torch.tanh(head("predict_action.0", 0))
+        reward_preds = head("predict_rewards", 1)
+        state_preds = head("predict_state", 2)
+    else:
+        action_preds = torch.tanh(head("predict_action.0", 1))
+        state_preds = head("predict_state", 2)
+        reward_preds = None
+    return state_preds, action_preds, reward_preds
+
+
+def _q_mlp(p: Params, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    for j in (0, 2, 4):
+        x = F.mish(linear(x, p[f"{prefix}.{j}.weight"], p[f"{prefix}.{j}.bias"]))
+    return linear(x, p[f"{prefix}.6.weight"], p[f"{prefix}.6.bias"])
+
+
+def critic_forward(
+    p: Params, state: torch.Tensor, action: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`TwinCritic.forward` for N members: (N, ..., S), (N, ..., A) -> q1, q2 (N, ..., 1)."""
+    x = torch.cat([state, action], dim=-1)
+    return _q_mlp(p, "q1_model", x), _q_mlp(p, "q2_model", x)
