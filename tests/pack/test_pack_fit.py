@@ -152,3 +152,25 @@ def test_cli_test_takes_a_member_best_checkpoint(fits, data, capsys):
             os.chdir(here)
         scores.append(float(tested.trainer.callback_metrics["test/return_mean"]))
     assert scores[0] == scores[1]
+
+
+def test_the_batched_module_trains_a_pack_as_the_loop_does(data, tmp_path):
+    """The same pack through the plumbing with the batched `PackedQTModule` (eager, float32)
+    and with the loop: the members' last checkpoints agree to float tolerance."""
+    from qt.pack.module import PackedQTModule
+
+    def run(module_class, where: Path, **options):
+        args = [*common(data), "--trainer.logger.init_args.save_dir", str(where)]
+        fit = fit_pack([args + m for m in MEMBERS[:2]], module_class=module_class,
+                       module_options=options or None)  # fmt: skip
+        return [load_checkpoint(m.ckpt_dir / "last.ckpt") for m in fit.members]
+
+    loop = run(LoopPackedQTModule, tmp_path / "loop")
+    batched = run(PackedQTModule, tmp_path / "batched", compile=False, autocast=False)
+    for a, b in zip(loop, batched):
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        assert int(b["state_dict"]["train_steps"]) == 30
+        for key, value in a["state_dict"].items():
+            torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-4, atol=1e-5,
+                                       msg=key)  # fmt: skip
+        _equal(a["lr_schedulers"], b["lr_schedulers"], "lr_schedulers")
