@@ -29,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--seeds", type=int, nargs="+", default=None,
                      help="run only these of the file's seeds (the rest on other machines; "
                           "then `merge`)")  # fmt: skip
+    run.add_argument("--no-pack", dest="pack", action="store_false",
+                     help="fit every job in its own process (by default, jobs that differ only "
+                          "in seed and scalar settings train together as packs)")  # fmt: skip
+    run.add_argument("--pack-size", type=int, default=None,
+                     help="at most this many fits in a pack (default: from memory, at most 16)")  # fmt: skip
+    run.add_argument("--no-compile", dest="compile", action="store_false",
+                     help="run the packs' training step eagerly (no torch.compile)")  # fmt: skip
     run.add_argument("--check", action="store_true",
                      help="validate the study file with cli.py's parser and stop")  # fmt: skip
     rep = sub.add_parser("report", help="write the report of a study from MLflow")
@@ -56,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             here = "" if study.selected is None else f", {len(study.jobs_here())} of them here"
             print(f"[study] {study.name}: {len(study.jobs())} runs{here}; the study file is valid.")
             return 0
-        return run_study(study, args.backend, args.address)
+        if args.pack_size is not None and args.pack_size < 1:
+            raise SystemExit(f"error: --pack-size {args.pack_size}: expected a whole number >= 1.")
+        return run_study(study, args.backend, args.address, pack=args.pack,
+                         pack_limit=args.pack_size, compile=args.compile)  # fmt: skip
     if args.command == "merge":
         n = merge_study(args.name, args.source, args.save_dir)
         print(f"[study] {args.name}: copied {n['copied']} jobs from {args.source} "

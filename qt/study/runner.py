@@ -135,32 +135,37 @@ def _minutes(seconds: float) -> str:
 
 
 # ---------------------------------------------------------------------------- backends
-def _local(study, todo, specs, logs, progress, exp_id) -> int:
-    pending = list(range(len(todo)))
+def _local(study, units, todo, logs, progress, exp_id, threads: int) -> int:
+    """Run the units (a job alone, or a pack of jobs) `study.workers` processes at a time."""
+    pending = list(range(len(units)))
     running: dict[int, tuple[subprocess.Popen, float, object]] = {}
     failed = 0
     try:
         while pending or running:
             while pending and len(running) < study.workers:
-                i = pending.pop(0)
-                spec = dict(specs[i], parent_pid=os.getpid())
-                Path(logs[i]).parent.mkdir(parents=True, exist_ok=True)
-                handle = open(logs[i], "a")  # noqa: SIM115 (closed when the job ends)
+                u = pending.pop(0)
+                spec = dict(units[u].spec, parent_pid=os.getpid(), threads=threads)
+                Path(logs[u]).parent.mkdir(parents=True, exist_ok=True)
+                handle = open(logs[u], "a")  # noqa: SIM115 (closed when the job ends)
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "qt.study.job", json.dumps(spec)],
-                    cwd=os.getcwd(), env=_env(study.threads_per_worker),
+                    cwd=os.getcwd(), env=_env(threads),
                     stdout=handle, stderr=subprocess.STDOUT,
                 )  # fmt: skip
-                running[i] = (proc, time.perf_counter(), handle)
+                running[u] = (proc, time.perf_counter(), handle)
             time.sleep(0.2)
-            for i, (proc, t0, handle) in list(running.items()):
+            for u, (proc, t0, handle) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 handle.close()
-                del running[i]
-                ok = progress.job_done(todo[i], proc.returncode, time.perf_counter() - t0,
-                                       logs[i], exp_id)  # fmt: skip
-                failed += not ok
+                del running[u]
+                for i in units[u].indices:  # a pack's members: each one's outcome in MLflow
+                    rc = 0 if units[u].is_pack else proc.returncode
+                    if units[u].is_pack and proc.returncode not in (0, 1):
+                        rc = proc.returncode  # killed: none of its members can be trusted
+                    ok = progress.job_done(todo[i], rc, time.perf_counter() - t0,
+                                           logs[u], exp_id)  # fmt: skip
+                    failed += not ok
     except KeyboardInterrupt:
         for proc, _, _ in running.values():
             proc.terminate()  # SIGTERM: the fit saves last.ckpt (qt.callbacks.sigterm.SaveOnSigterm)
@@ -240,7 +245,16 @@ def _close_stale_runs(client, exp_id: str, study: Study, specs: list[dict]) -> N
 
 
 # ---------------------------------------------------------------------------- entry point
-def run(study: Study, backend: str = "local", address: str | None = None) -> int:
+def run(
+    study: Study,
+    backend: str = "local",
+    address: str | None = None,
+    pack: bool = True,
+    pack_limit: int | None = None,
+    compile: bool = True,
+) -> int:
+    """Run (or resume) the study. `pack`: compatible jobs' fits train as packs (local backend;
+    `qt.study.packing`), at most `pack_limit` members each; `compile`: the packs' step compiled."""
     lock = lock_study(study)  # noqa: F841 (held to the end of the process)
     client, uri, exp_id, parent_id = open_store(study)
     jobs = study.jobs_here()
@@ -249,26 +263,53 @@ def run(study: Study, backend: str = "local", address: str | None = None) -> int
     _close_stale_runs(client, exp_id, study, specs)
     resumed = sum("resume" in spec for spec in specs)
     tests_only = sum(s.fit_finished for s in todo)
+    from qt.study import packing
+
+    pack = pack and backend == "local"
+    units = packing.plan(todo, specs, pack, pack_limit, _config_of)
+    for unit in units:
+        if unit.is_pack:
+            unit.spec = {"pack": [specs[i] for i in unit.indices], "pack_dir": unit.pack_dir,
+                         "resume": unit.resume, "experiment_id": exp_id,
+                         "module_options": None if compile else {"compile": False}}  # fmt: skip
+        else:
+            unit.spec = specs[unit.indices[0]]
+    concurrent = min(study.workers, max(1, len(units)))
+    threads = packing.threads_for(concurrent) if backend == "local" else study.threads_per_worker
+    packs = [u for u in units if u.is_pack]
     _say(
         f"{study.name}: {len(study.jobs())} runs ({len(study.tasks)} tasks x {len(study.variants)} "
         f"variants x {len(study.seeds)} seeds){_here(study, len(jobs))}; {len(jobs) - len(todo)} finished, "
         f"{resumed} to resume from last.ckpt, {tests_only} to test, "
         f"{len(todo) - resumed - tests_only} to start; backend {backend}, "
-        f"{study.workers} workers x {study.threads_per_worker} threads; MLflow {uri}, "
+        f"{concurrent} processes at once x {threads} threads"
+        f"{_packs(packs)}; MLflow {uri}, "
         f"experiment {study.experiment}, parent run {parent_id}"
     )
     out = Path(study.results) / study.name
-    logs = [str(out / "logs" / f"{s.job.run_name}.log") for s in todo]
-    for s, spec in zip(todo, specs):
+    logs = [
+        str(out / "logs" / (f"pack-{Path(u.pack_dir).name}.log" if u.is_pack
+                            else f"{todo[u.indices[0]].job.run_name}.log"))
+        for u in units
+    ]  # fmt: skip
+    for u in units:
+        if u.is_pack:
+            names = ", ".join(todo[i].job.label for i in u.indices)
+            _say(
+                f"pack {Path(u.pack_dir).name} ({'resumed from its last.ckpt' if u.resume else 'new'}): {names}"
+            )
+            continue
+        s, spec = todo[u.indices[0]], specs[u.indices[0]]
         if "resume" in spec:
             _say(f"{s.job.label}: resuming fit run {spec['fit_run_id']} from {spec['resume']}")
     progress = Progress(study, client, len(todo), len(jobs))
     t0 = time.perf_counter()
     try:
         if backend == "ray":
-            failed = _ray(study, todo, specs, logs, progress, exp_id, address)
+            job_logs = [logs[k] for k, _ in enumerate(units)]
+            failed = _ray(study, todo, specs, job_logs, progress, exp_id, address)
         else:
-            failed = _local(study, todo, specs, logs, progress, exp_id)
+            failed = _local(study, units, todo, logs, progress, exp_id, threads)
     except KeyboardInterrupt:
         client.set_terminated(parent_id, "KILLED")
         _say("interrupted: running the same command again resumes the study.")
@@ -281,6 +322,20 @@ def run(study: Study, backend: str = "local", address: str | None = None) -> int
     missing = [j for j in result.missing if study.runs_here(j)]  # other seeds: other machines
     client.set_terminated(parent_id, "FAILED" if failed or missing else "FINISHED")
     return 1 if failed or missing else 0
+
+
+def _packs(packs: list) -> str:
+    if not packs:
+        return ""
+    sizes = ", ".join(str(len(u.indices)) for u in packs)
+    return f"; {len(packs)} pack{'s' if len(packs) > 1 else ''} of {sizes} fits"
+
+
+def _config_of(job):
+    """A job's parsed fit config (the pack size follows from its sizes)."""
+    from qt.study.spec import parse_fit
+
+    return parse_fit(list(job.fit_args), job.label)
 
 
 def _here(study: Study, n: int) -> str:
