@@ -82,6 +82,11 @@ class PackedMembers(L.Callback):
     def __init__(self, members: list[Member]) -> None:
         self.members = members
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        for m in self.members:  # a task whose environment cannot be made stops before a step
+            if m.evaluation is not None:
+                m.evaluation.setup(m.trainer_view(trainer), pl_module, stage)
+
     def on_fit_start(self, trainer, pl_module) -> None:
         for m in self.members:
             view = m.trainer_view(trainer)
