@@ -36,10 +36,16 @@ def _study(data: str) -> dict:
     }  # fmt: skip
 
 
+def _env() -> dict[str, str]:
+    # this checkout's qt, wherever the study runs (a shared environment may install another)
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def _run(folder: Path, *args: str) -> str:
     folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, MPLBACKEND="Agg")
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = _env()
     proc = subprocess.run([sys.executable, "-m", "qt.study", "run", "study.yaml", *args],
                           cwd=folder, env=env, capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -117,3 +123,41 @@ def test_packing_keys_and_sizes():
     assert pack_size(C, memory=1 << 40) == 16
     assert pack_size(C, limit=3, memory=1 << 40) == 3
     assert pack_size(C, memory=1) == 1
+
+
+def test_a_killed_packed_study_resumes_its_pack(studies, tmp_path):
+    """The study killed (SIGKILL, with its pack) once the pack wrote its last.ckpt: the same
+    command re-forms the pack, resumes it in the members' own runs, and finishes the study."""
+    import signal
+    import time
+
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    source = studies["packed"][0] / "study.yaml"
+    (folder / "study.yaml").write_text(source.read_text())
+    env = _env()
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qt.study", "run", "study.yaml", "--no-compile"],
+            cwd=folder, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 900
+    while not list((folder / "runs").glob("*/packs/*/last.ckpt")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError("no pack to interrupt: " + (tmp_path / "killed.log").read_text())
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    out = _run(folder, "--no-compile")
+    assert "resumed from its last.ckpt" in out, out
+    runs = _runs(folder)
+    fits = [r for (_, kind), r in runs.items() if kind == "fit"]
+    client = mlflow.MlflowClient(f"sqlite:///{folder / 'runs' / 'mlflow.db'}")
+    every = client.search_runs([fits[0].info.experiment_id], max_results=1000)
+    assert len([r for r in every if r.data.tags.get("qt.study.kind") == "fit"]) == 4
+    assert all(r.info.status == "FINISHED" for r in fits)
+    for r in fits:  # two evaluations each, at the uninterrupted steps
+        steps = {m.step for m in client.get_metric_history(r.info.run_id, "eval/return_mean")}
+        assert steps == {9, 19}, steps
+    assert "4 finished" in _run(folder, "--no-compile")
