@@ -125,7 +125,10 @@ class QTCLI(LightningCLI):
         init_args["tags"] = run_tags(task, seed, model, init_args.get("tags"))
         ckpt = config.get("ckpt_path")
         if self.subcommand == "fit" and isinstance(ckpt, str) and _is_run_ref(ckpt):
-            config["ckpt_path"] = _resume(init_args, ckpt, named)
+            from qt.tracking import legacy_identities
+
+            earlier = legacy_identities(task, seed, model)
+            config["ckpt_path"] = _resume(init_args, ckpt, named, earlier)
             _check_checkpoint(config["ckpt_path"], config, self.subcommand)
 
     def _parse_ckpt_path(self) -> None:
@@ -202,12 +205,13 @@ def _is_run_ref(ckpt: str) -> bool:
     return ckpt == "last" or ckpt.startswith("run:")
 
 
-def _resume(init_args, ckpt: str, named: bool) -> str:
+def _resume(init_args, ckpt: str, named: bool, earlier: list[str] = ()) -> str:
     """`--ckpt_path last` or `run:<run_id>`: the last.ckpt of an earlier MLflow run to continue.
 
     `last` is the newest run of the same configuration (task, variant, seed: the
     `qt.identity` tag; and the same run name when the config names the run) that left a
-    last.ckpt; `run:<run_id>` is that run, which must be of the same configuration. Its run
+    last.ckpt; `run:<run_id>` is that run, which must be of the same configuration (`earlier`:
+    the identities this configuration had under a variant's earlier name). Its run
     id goes to the logger, so the resumed fit logs into the same MLflow run and
     ModelCheckpoint keeps writing to the same folder (`<save_dir>/<experiment>/<run>/`).
     """
@@ -236,7 +240,7 @@ def _resume(init_args, ckpt: str, named: bool) -> str:
                 "earlier fit's MLflow run (the runs table of `make ui`, or the fit's last lines)."
             ) from None
         theirs = run.data.tags.get(IDENTITY_TAG)
-        if theirs != identity:
+        if theirs != identity and theirs not in earlier:
             raise UserError(
                 f"--ckpt_path {ckpt}: that run is {theirs or 'not a qt fit'}, this config "
                 f"is {identity}: expected a run of the same task, variant and seed."
@@ -249,13 +253,16 @@ def _resume(init_args, ckpt: str, named: bool) -> str:
         init_args["run_id"] = run.info.run_id
         return str(last_of(run))
 
-    query = f"tags.`{IDENTITY_TAG}` = '{identity}'"
-    if named:
-        query += f" and tags.mlflow.runName = '{name}'"
-    runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id], filter_string=query,
-        order_by=["attributes.start_time DESC"], max_results=50,
-    )  # fmt: skip
+    runs = []
+    for each in (identity, *earlier):
+        query = f"tags.`{IDENTITY_TAG}` = '{each}'"
+        if named:
+            query += f" and tags.mlflow.runName = '{name}'"
+        runs += [] if exp is None else client.search_runs(
+            [exp.experiment_id], filter_string=query,
+            order_by=["attributes.start_time DESC"], max_results=50,
+        )  # fmt: skip
+    runs.sort(key=lambda run: run.info.start_time, reverse=True)
     for run in runs:
         if last_of(run).is_file():
             init_args["run_id"] = run.info.run_id

@@ -162,31 +162,58 @@ VARIANT_OPTIONS = (
     "rtg_no_q", "infer_no_q", "num_candidates", "ema_dropout", "sar",
     "K", "hidden_size", "n_layer", "n_head",
 )  # fmt: skip
+# Options added later, with the value every earlier run had: they enter the hash only when they
+# differ from it, so that runs made before they existed keep their variant ids.
+LATER_VARIANT_OPTIONS = {"train_critic": True, "next_state_loss": True}
+# Earlier names of a label: a run tagged `dt-<hash>` before the published Decision Transformer
+# existed is the QT-without-Q ablation now called `qt-no-q` (docs/baselines.md).
+LEGACY_LABELS = {"qt-no-q": "dt"}
 
 
 def variant_label(model: dict) -> str:
-    """`dt` for the Decision Transformer baseline (no Q term, no Q in the return-to-go targets
-    or in acting: eta 0, rtg_no_q, infer_no_q), else `qt`."""
-    dt = float(model.get("eta", 1.0)) == 0.0 and model.get("rtg_no_q") and model.get("infer_no_q")
-    return "dt" if dt else "qt"
+    """What a model is (docs/baselines.md): `dt`, the Decision Transformer as published (no
+    critic trained: `train_critic` false); `qt-no-q`, QT's trainer without Q (eta 0, and no Q in
+    the return-to-go targets or in acting: rtg_no_q, infer_no_q); else `qt`."""
+    if not model.get("train_critic", True):
+        return "dt"
+    if float(model.get("eta", 1.0)) == 0.0 and model.get("rtg_no_q") and model.get("infer_no_q"):
+        return "qt-no-q"
+    return "qt"
 
 
-def variant_id(model: dict) -> str:
-    """`<label>-<8 hex digits>`: the label and a hash of every option in VARIANT_OPTIONS."""
+def _variant_hash(model: dict) -> str:
     import hashlib
     import json
 
     values = {k: model.get(k) for k in VARIANT_OPTIONS}
+    for k, default in LATER_VARIANT_OPTIONS.items():
+        if model.get(k, default) != default:
+            values[k] = model[k]
     for k, v in values.items():  # 1 and 1.0 are one value; bools stay bools
         if isinstance(v, int | float) and not isinstance(v, bool):
             values[k] = float(v)
-    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{variant_label(model)}-{digest}"
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def variant_id(model: dict) -> str:
+    """`<label>-<8 hex digits>`: the label and a hash of every option in VARIANT_OPTIONS."""
+    return f"{variant_label(model)}-{_variant_hash(model)}"
+
+
+def legacy_variant_ids(model: dict) -> list[str]:
+    """The ids the same model had under the labels' earlier names (`dt-<hash>` for `qt-no-q`)."""
+    old = LEGACY_LABELS.get(variant_label(model))
+    return [] if old is None else [f"{old}-{_variant_hash(model)}"]
 
 
 def run_identity(task: str, seed: object, model: dict) -> str:
     """What makes two fits the same configuration: `<task>/<variant id>/seed<seed>`."""
     return f"{task}/{variant_id(model)}/seed{seed}"
+
+
+def legacy_identities(task: str, seed: object, model: dict) -> list[str]:
+    """Identities of the same configuration as runs made before a label was renamed carry."""
+    return [f"{task}/{old}/seed{seed}" for old in legacy_variant_ids(model)]
 
 
 IDENTITY_TAG = "qt.identity"
