@@ -213,7 +213,7 @@ def _resume(init_args, ckpt: str, named: bool) -> str:
     """
     import mlflow
 
-    from qt.tracking import IDENTITY_TAG, default_tracking_uri, store_lock
+    from qt.tracking import IDENTITY_TAG, default_tracking_uri, hold_run, store_lock
 
     save_dir = Path(init_args.get("save_dir") or "runs")
     uri = init_args.get("tracking_uri") or default_tracking_uri(save_dir)
@@ -246,6 +246,7 @@ def _resume(init_args, ckpt: str, named: bool) -> str:
                 f"--ckpt_path {ckpt}: the run left no {last_of(run)}: expected the "
                 "last.ckpt of a fit that ran at least one iteration."
             )
+        hold_run(last_of(run).parents[1], run.info.run_id)  # one writer per run
         init_args["run_id"] = run.info.run_id
         return str(last_of(run))
 
@@ -258,6 +259,7 @@ def _resume(init_args, ckpt: str, named: bool) -> str:
     )  # fmt: skip
     for run in runs:
         if last_of(run).is_file():
+            hold_run(last_of(run).parents[1], run.info.run_id)  # one writer per run
             init_args["run_id"] = run.info.run_id
             return str(last_of(run))
     which = f"named {name!r} and " if named else ""
