@@ -13,9 +13,9 @@
 - Finite weights: no checkpoint whose model or optimiser state holds a NaN or an infinity is
   written or read (a diverged fit stops instead of overwriting `last.ckpt` with it). The
   callbacks' states may hold infinities legitimately (a best score not yet set is -inf).
-- `SaveOnSigterm`: when the process gets SIGTERM (a scheduler's pre-emption), Lightning stops
-  after the current batch; this callback then writes `last.ckpt` where `ModelCheckpoint` keeps
-  it, so `cli.py fit --ckpt_path last` continues the run.
+
+`qt.callbacks.sigterm.SaveOnSigterm` writes `last.ckpt` through this IO when a fit is stopped by
+SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,11 +29,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qt.errors import UserError
 
@@ -221,30 +218,9 @@ def load_checkpoint(
     return verify(loaded, path)
 
 
-class SaveOnSigterm(L.Callback):
-    """On SIGTERM, save `last.ckpt` beside ModelCheckpoint's files before the process exits."""
-
-    def __init__(self, filename: str = "last.ckpt") -> None:
-        self.filename = filename
-        self.saved: Path | None = None
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
-        if not isinstance(exception, SIGTERMException):
-            return
-        callback = trainer.checkpoint_callback
-        dirpath = (
-            getattr(callback, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
-        )
-        self.saved = Path(dirpath) / self.filename
-        # the full state (optimisers, schedulers, callbacks), as ModelCheckpoint writes it
-        trainer.save_checkpoint(self.saved, weights_only=False)
-        rank_zero_info(f"SIGTERM: saved {self.saved}; resume with --ckpt_path last")
-
-
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointError",
-    "SaveOnSigterm",
     "checksums",
     "load_checkpoint",
     "non_finite",

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlflow
 from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger
 
 from qt.errors import UserError
@@ -266,3 +267,68 @@ def run_tags(task: str, seed: object, model: dict, user_tags: dict | None = None
     tags["qt.variant_id"] = variant_id(model)
     tags[IDENTITY_TAG] = run_identity(task, seed, model)
     return tags
+
+
+# ---------------------------------------------------------------------------- resuming
+def resume_checkpoint(init_args, ckpt: str, named: bool) -> str:
+    """`--ckpt_path last` or `run:<run_id>`: the last.ckpt of an earlier MLflow run to continue.
+
+    `last` is the newest run of the same configuration (task, variant, seed: the
+    `qt.identity` tag; and the same run name when the config names the run) that left a
+    last.ckpt; `run:<run_id>` is that run, which must be of the same configuration. Its run
+    id goes to the logger, so the resumed fit logs into the same MLflow run and
+    ModelCheckpoint keeps writing to the same folder (`<save_dir>/<experiment>/<run>/`).
+    """
+    save_dir = Path(init_args.get("save_dir") or "runs")
+    uri = init_args.get("tracking_uri") or default_tracking_uri(save_dir)
+    experiment = init_args.get("experiment_name") or "qt"
+    identity, name = init_args["tags"][IDENTITY_TAG], init_args["run_name"]
+    with store_lock(uri):
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+
+    def last_of(run) -> Path:
+        return save_dir / run.info.experiment_id / run.info.run_id / "checkpoints" / "last.ckpt"
+
+    if ckpt.startswith("run:"):
+        run_id = ckpt[len("run:") :]
+        try:
+            run = client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            raise UserError(
+                f"--ckpt_path {ckpt}: no run {run_id!r} in {uri}: expected the id of an "
+                "earlier fit's MLflow run (the runs table of `make ui`, or the fit's last lines)."
+            ) from None
+        theirs = run.data.tags.get(IDENTITY_TAG)
+        if theirs != identity:
+            raise UserError(
+                f"--ckpt_path {ckpt}: that run is {theirs or 'not a qt fit'}, this config "
+                f"is {identity}: expected a run of the same task, variant and seed."
+            )
+        if not last_of(run).is_file():
+            raise UserError(
+                f"--ckpt_path {ckpt}: the run left no {last_of(run)}: expected the "
+                "last.ckpt of a fit that ran at least one iteration."
+            )
+        hold_run(last_of(run).parents[1], run.info.run_id)  # one writer per run
+        init_args["run_id"] = run.info.run_id
+        return str(last_of(run))
+
+    query = f"tags.`{IDENTITY_TAG}` = '{identity}'"
+    if named:
+        query += f" and tags.mlflow.runName = '{name}'"
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id], filter_string=query,
+        order_by=["attributes.start_time DESC"], max_results=50,
+    )  # fmt: skip
+    for run in runs:
+        if last_of(run).is_file():
+            hold_run(last_of(run).parents[1], run.info.run_id)  # one writer per run
+            init_args["run_id"] = run.info.run_id
+            return str(last_of(run))
+    which = f"named {name!r} and " if named else ""
+    raise UserError(
+        f"--ckpt_path last: no run {which}of this configuration ({identity}) in "
+        f"experiment {experiment!r} of {uri} left a last.ckpt under {save_dir}: expected an "
+        "earlier fit of the same task, variant and seed (or name a run: --ckpt_path run:<run_id>)."
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+from qt import cli
 from qt.checkpointing import (
     CHECKSUMS_KEY,
     AtomicCheckpointIO,

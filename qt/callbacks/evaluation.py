@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import CatMetric
 
-from qt.callbacks.console import say
+from qt.console import say
 from qt.envs import make_env
 from qt.errors import UserError
 from qt.tasks import get_task

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qt.datagen.generated import GeneratedDataset
+from qt.datagen.generated import GeneratedDataset, arrays_digest
 from qt.datagen.writers import episode_bounds, write_dataset
 from qt.errors import UserError, report
 
@@ -228,9 +228,14 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
     from qt.tasks import get_task
 
     refs = f"ref scores     measured: min {ds.ref_min_score:.2f}, max {ds.ref_max_score:.2f}"
+    behaviour = ""
     try:  # a name the generator accepts need not be a registered task (maze2d-umaze-v0)
         task = get_task(ds.name)
         refs += f"; scores use D4RL's {task.ref_min_score:.2f} / {task.ref_max_score:.2f}"
+        score = (
+            100 * (returns.mean() - task.ref_min_score) / (task.ref_max_score - task.ref_min_score)
+        )
+        behaviour = f" (normalised {score:.1f})"
     except ValueError:
         pass
     return "\n".join(
@@ -240,9 +245,10 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
             + (f" (seed {ds.metadata['request']['seed']})" if "request" in ds.metadata else ""),
             f"episodes       {len(bounds)} (length mean {lengths.mean():.1f}, max {lengths.max()})",
             f"return         mean {returns.mean():.3f}, std {returns.std():.3f}, "
-            f"min {returns.min():.3f}, max {returns.max():.3f}",
+            f"min {returns.min():.3f}, max {returns.max():.3f}{behaviour}",
             f"reward         mean per step {np.mean(a['rewards']):.4f}",
             refs,
+            f"arrays sha256  {arrays_digest(a)}",
             f"time           {seconds:.1f} s",
         ]
     )

@@ -26,7 +26,7 @@ import gymnasium as gym
 import h5py
 import numpy as np
 
-from qt.datagen.generated import D4RL_KEYS, GeneratedDataset
+from qt.datagen.generated import D4RL_KEYS, GeneratedDataset, arrays_digest, as_written
 
 AUTHOR = "qt"
 AUTHOR_EMAIL = "qt@users.noreply.github.com"
@@ -265,12 +265,10 @@ def _build_hdf5(ds: GeneratedDataset, tmp: Path) -> None:
     """Write `ds` into the file `tmp` in D4RL's format (flat arrays; metadata as datasets)."""
     with h5py.File(tmp, "w") as f:
         for key, value in ds.arrays.items():
-            value = np.asarray(value)
-            if key in ("terminals", "timeouts"):
-                value = value.astype(bool)
-            elif value.dtype == np.float64:
-                value = value.astype(np.float32)
-            f.create_dataset(key, data=value, compression="gzip")
+            # no timestamps in the objects' headers: the same arrays, the same file bytes
+            f.create_dataset(
+                key, data=as_written(key, value), compression="gzip", track_times=False
+            )
         # D4RL files keep metadata as scalar datasets under metadata/; attrs for convenience
         for key, value in (
             ("name", ds.name),
@@ -282,6 +280,7 @@ def _build_hdf5(ds: GeneratedDataset, tmp: Path) -> None:
             f.attrs[key] = value
             f[f"metadata/{key}"] = value
         f.attrs["qt_metadata"] = json.dumps(ds.metadata, sort_keys=True)
+        f.attrs["qt_arrays_sha256"] = arrays_digest(ds.arrays)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a dataset is not

@@ -10,9 +10,10 @@ import mlflow
 import numpy as np
 
 from qt.study import report as rep
+from qt.study import store
 from qt.study.spec import load_study
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fit_run(client, experiment_id: str, evals: list[tuple[int, int, float]], per_iter: int):
@@ -35,16 +36,18 @@ def test_an_iteration_cut_short_is_placed_at_the_steps_it_trained(tmp_path):
     # three whole iterations of 1000 steps, then a fourth stopped after 741 of its steps;
     # returns chosen on D4RL's maze2d-umaze scale (23.85 / 161.86): 0, 50 and 100 by hand
     evals = [(999, 0, 0.0), (1999, 1, 23.85), (2999, 2, 92.855), (3740, 3, 161.86)]
-    steps, scores = rep.eval_history(client, _fit_run(client, exp, evals, 1000), "maze2d-umaze-v1")
+    steps, scores = store.eval_history(
+        client, _fit_run(client, exp, evals, 1000), "maze2d-umaze-v1"
+    )
     np.testing.assert_array_equal(steps, [1000, 2000, 3000, 3741])
     np.testing.assert_allclose(scores, [-2385 / 138.01, 0.0, 50.0, 100.0], rtol=0, atol=1e-9)
     # whole iterations only: the steps are (epoch + 1) x num_steps_per_iter
     run = _fit_run(client, exp, [(9, 0, 1.0), (19, 1, 2.0)], 10)
-    steps, _ = rep.eval_history(client, run, "maze2d-umaze-v1")
+    steps, _ = store.eval_history(client, run, "maze2d-umaze-v1")
     np.testing.assert_array_equal(steps, [10, 20])
 
 
-def _result(job, steps: list[int], max_time: str) -> rep.Result:
+def _result(job, steps: list[int], max_time: str) -> store.Result:
     params = {
         "config.trainer.max_epochs": "51", "config.data.num_steps_per_iter": "1000",
         "config.data.batch_size": "256", "config.model.hidden_size": "256",
@@ -52,7 +55,7 @@ def _result(job, steps: list[int], max_time: str) -> rep.Result:
         "config.trainer.max_time": max_time,
     }  # fmt: skip
     x = np.array(steps, dtype=float)
-    return rep.Result(job=job, best=0.0, last=0.0, test=0.0, steps=x, curve=np.zeros(len(x)),
+    return store.Result(job=job, best=0.0, last=0.0, test=0.0, steps=x, curve=np.zeros(len(x)),
                       params=params, seconds=1.0, start_ms=0, end_ms=1)  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from qt.datagen.maze2d import generate
 from qt.datagen.writers import write_d4rl_hdf5
 from qt.tracking import RUN_LOCK, RunHeldError, hold_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 HOLDER = """

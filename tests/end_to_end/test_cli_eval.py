@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from qt import cli
 from qt.acting.episodes import run_episodes
 from qt.acting.policy import QTPolicy
 from qt.callbacks.evaluation import Evaluation
@@ -22,7 +22,7 @@ from qt.datagen.writers import write_d4rl_hdf5
 from qt.envs import make_env
 from qt.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 TASK = "maze2d-umaze-dense-v1"  # dense rewards: every step's action shows in the return
 
