@@ -299,6 +299,14 @@ def resume_checkpoint(init_args, ckpt: str, named: bool) -> str:
                 f"--ckpt_path {ckpt}: no run {run_id!r} in {uri}: expected the id of an "
                 "earlier fit's MLflow run (the runs table of `make ui`, or the fit's last lines)."
             ) from None
+        if exp is None or run.info.experiment_id != exp.experiment_id:
+            theirs_exp = client.get_experiment(run.info.experiment_id).name
+            raise UserError(
+                f"--ckpt_path {ckpt}: that run is in experiment {theirs_exp!r}, but this fit "
+                f"logs to experiment {experiment!r} (trainer.logger.init_args.experiment_name): "
+                f"expected a run of the same experiment (set experiment_name {theirs_exp} to "
+                "resume it there)."
+            )
         theirs = run.data.tags.get(IDENTITY_TAG)
         if theirs != identity:
             raise UserError(
