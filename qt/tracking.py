@@ -12,6 +12,13 @@ beside the database; after that, SQLite's own locking is enough.
 
 The experiment is tagged as a model-training experiment, so MLflow 3's UI opens it on its
 runs table rather than its GenAI (traces) view.
+
+A run is written by one process at a time: the process that creates or reopens it holds an
+exclusive `flock` on `run.lock` in the run's folder (`<save_dir>/<experiment id>/<run id>/`)
+until it exits, and writes its pid and host there. A second process that would write the same
+run (two `--ckpt_path last` resumes started together) stops with one sentence naming the
+holder. The kernel releases the lock when its holder dies, even by SIGKILL, so a dead holder
+never keeps a run.
 """
 
 from __future__ import annotations
@@ -89,6 +96,55 @@ def open_experiment(client, name: str, artifact_location: str | None = None) -> 
     return exp.experiment_id
 
 
+class RunHeldError(UserError):
+    """Another live process is writing the run."""
+
+
+RUN_LOCK = "run.lock"
+_held: dict[Path, int] = {}  # lock file -> open descriptor, for the life of the process
+
+
+def run_dir(save_dir: str | os.PathLike, experiment_id: str, run_id: str) -> Path:
+    """The folder of a run's checkpoints and lock: `<save_dir>/<experiment id>/<run id>`."""
+    return Path(save_dir) / str(experiment_id) / str(run_id)
+
+
+def hold_run(folder: str | os.PathLike, run_id: str) -> None:
+    """Hold the run whose folder is `folder` for the rest of this process (see the module's
+    docstring); raise RunHeldError naming the holder when another live process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    import socket
+    import time
+
+    path = (Path(folder) / RUN_LOCK).resolve()
+    if path in _held:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        for _ in range(20):  # the holder writes its name just after it takes the lock
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
+            if holder:
+                break
+            time.sleep(0.05)
+        os.close(fd)
+        pid, _, host = holder.partition(" ")
+        who = f"process {pid} on {host}" if pid and host else "another process"
+        raise RunHeldError(
+            f"Run {run_id} is being written by {who} (it holds {path}): wait for that process "
+            "to end or stop it, then resume the run; two processes never write one run."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    _held[path] = fd
+
+
 class MLFlowLogger(_MLFlowLogger):
     """Lightning's MLflow logger with qt's defaults (local store, experiment `qt`)."""
 
@@ -127,6 +183,10 @@ class MLFlowLogger(_MLFlowLogger):
     def save_dir(self) -> str | None:
         return self._qt_save_dir
 
+    def _hold(self, experiment_id: str) -> None:
+        """Hold this run (`hold_run`) for as long as this process lives."""
+        hold_run(run_dir(self._qt_save_dir, experiment_id, self._run_id), self._run_id)
+
     @property
     def experiment(self):
         if self._initialized:
@@ -142,7 +202,11 @@ class MLFlowLogger(_MLFlowLogger):
                         self._mlflow_client, self._experiment_name, self._artifact_location
                     )
                 reopened = self._run_id is not None
+                if reopened:  # before anything is written to it
+                    self._hold(self._mlflow_client.get_run(self._run_id).info.experiment_id)
                 client = super().experiment
+                if not reopened:
+                    self._hold(self._experiment_id)
                 if reopened and client.get_run(self._run_id).info.status != "RUNNING":
                     # a resumed fit continues a run that its interruption ended (FAILED or
                     # KILLED): it is running again until this fit ends it
@@ -263,6 +327,14 @@ def resume_checkpoint(init_args, ckpt: str, named: bool, earlier: Sequence[str] 
                 f"--ckpt_path {ckpt}: no run {run_id!r} in {uri}: expected the id of an "
                 "earlier fit's MLflow run (the runs table of `make ui`, or the fit's last lines)."
             ) from None
+        if exp is None or run.info.experiment_id != exp.experiment_id:
+            theirs_exp = client.get_experiment(run.info.experiment_id).name
+            raise UserError(
+                f"--ckpt_path {ckpt}: that run is in experiment {theirs_exp!r}, but this fit "
+                f"logs to experiment {experiment!r} (trainer.logger.init_args.experiment_name): "
+                f"expected a run of the same experiment (set experiment_name {theirs_exp} to "
+                "resume it there)."
+            )
         theirs = run.data.tags.get(IDENTITY_TAG)
         if theirs != identity and theirs not in earlier:
             raise UserError(
@@ -274,6 +346,7 @@ def resume_checkpoint(init_args, ckpt: str, named: bool, earlier: Sequence[str] 
                 f"--ckpt_path {ckpt}: the run left no {last_of(run)}: expected the "
                 "last.ckpt of a fit that ran at least one iteration."
             )
+        hold_run(last_of(run).parents[1], run.info.run_id)  # one writer per run
         init_args["run_id"] = run.info.run_id
         return str(last_of(run))
 
@@ -289,6 +362,7 @@ def resume_checkpoint(init_args, ckpt: str, named: bool, earlier: Sequence[str] 
     runs.sort(key=lambda run: run.info.start_time, reverse=True)
     for run in runs:
         if last_of(run).is_file():
+            hold_run(last_of(run).parents[1], run.info.run_id)  # one writer per run
             init_args["run_id"] = run.info.run_id
             return str(last_of(run))
     which = f"named {name!r} and " if named else ""
