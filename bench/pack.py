@@ -137,9 +137,24 @@ def separate_rate(size: str, steps: int, workers: int, device: str) -> tuple[flo
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "bench.pack", "--worker", "--size", size,
-             "--steps", str(steps), "--seed", str(w), "--device", device],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            [
+                sys.executable,
+                "-m",
+                "bench.pack",
+                "--worker",
+                "--size",
+                size,
+                "--steps",
+                str(steps),
+                "--seed",
+                str(w),
+                "--device",
+                device,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )  # fmt: skip
         for w in range(workers)
     ]
@@ -203,7 +218,8 @@ def flops(size: str, fits: int, store) -> dict:
 
 
 def profile(size: str, fits: int, compile: bool, store) -> str:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     pack = make_pack(size, fits, compile, store)
     items = stacked_batches(size, fits, store)
@@ -215,8 +231,12 @@ def profile(size: str, fits: int, compile: bool, store) -> str:
     head = (f"packed step, {fits} fits, {size}, {'compiled' if compile else 'eager'}: "
             f"{ms:.0f} ms a step profiled ({ms / fits:.1f} ms a fit-step), "
             f"{torch.get_num_threads()} threads; per-op totals over 6 steps")  # fmt: skip
-    return head + "\n" + prof.key_averages().table(
-        sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60
+    return (
+        head
+        + "\n"
+        + prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60
+        )
     )
 
 
@@ -242,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     cores = os.cpu_count() or 1
     if args.profile:
         for size in sizes:
-            for compiled in ([True, False] if args.compile else [False]):
+            for compiled in [True, False] if args.compile else [False]:
                 print(profile(size, args.fits, compiled, store), flush=True)
         return
     workers = cores if args.device == "cpu" else args.fits

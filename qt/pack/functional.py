@@ -164,5 +164,3 @@ def critic_forward(
     """`TwinCritic.forward` for N members: (N, ..., S), (N, ..., A) -> q1, q2 (N, ..., 1)."""
     x = torch.cat([state, action], dim=-1)
     return _q_mlp(p, "q1_model", x), _q_mlp(p, "q2_model", x)
-
-
