@@ -2,20 +2,18 @@
 
 The registry is the one source of truth for the published hyperparameters (docs/algorithm.md §6);
 this script renders them as LightningCLI configs that hold only what differs from
-configs/base.yaml. `tests/test_configs.py` checks the files are up to date.
+qt's defaults (qt/configs/base.yaml). `tests/test_configs.py` checks the files are up to date.
 
-    python configs/generate.py          # rewrite the files
+    python configs/generate.py          # rewrite the files (qt installed: make setup)
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from qt.tasks import TASKS, Task
 
-from qt.tasks import TASKS, Task  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 def config_name(task: Task) -> str:

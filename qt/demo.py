@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
-    from qt.callbacks.console import quiet
+    from qt.console import quiet
 
     quiet()  # no MLflow set-up lines when the demo creates the store
     t0 = time.perf_counter()

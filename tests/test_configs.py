@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import h5py
@@ -13,11 +12,13 @@ import pytest
 import torch
 import yaml
 
+from qt import cli as qt_cli
 from qt.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
-# every fit config (study files, configs/studies/, are checked by tests/test_study.py)
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "studies" not in p.parts)
+BASE = qt_cli.BASE_CONFIG  # qt/configs/base.yaml, package data
+# every fit config (study files, configs/studies/, are checked by tests/study/test_study.py)
+CONFIGS = [BASE, *sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "studies" not in p.parts)]
 TASK_CONFIGS = sorted((ROOT / "configs" / "d4rl").glob("*.yaml"))
 
 
@@ -44,10 +45,7 @@ def _write_fake_d4rl(path: Path, state_dim: int, act_dim: int, n: int = 120, see
 
 
 def _cli(args: list[str], run: bool = False):
-    sys.path.insert(0, str(ROOT))
-    import cli
-
-    return cli.main(args, run=run)
+    return qt_cli.main(args, run=run)
 
 
 @pytest.fixture
@@ -79,7 +77,7 @@ def test_every_published_task_has_a_config():
     assert sorted(p.stem for p in TASK_CONFIGS) == sorted(published)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_instantiates_through_the_cli(path, fake_d4rl_dir):
     cfg = yaml.safe_load(path.read_text()) or {}
     task_name = (cfg.get("data") or {}).get("task")
@@ -118,7 +116,7 @@ def test_print_config_reruns_to_the_same_result(fake_d4rl_dir, tmp_path, capsys)
     assert capsys.readouterr().out == printed
     resolved = yaml.safe_load(printed)
     assert resolved["model"]["eta"] == 1.0 and resolved["data"]["full_windows_only"] is True
-    # the subcommand read configs/base.yaml first: its callbacks and logger are there
+    # the subcommand read qt/configs/base.yaml first: its callbacks and logger are there
     classes = [c["class_path"] for c in resolved["trainer"]["callbacks"]]
     assert "qt.callbacks.artifacts.MLflowArtifacts" in classes
     assert resolved["targets"]["step_start_ema"] == 1000
@@ -151,11 +149,11 @@ def test_configs_state_only_their_evaluation_numbers_and_inherit_the_rest(
     from qt.callbacks.evaluation import Evaluation
     from qt.callbacks.targets import TargetNetworks
 
-    path = ROOT / "configs" / f"{name}.yaml"
+    path = BASE if name == "base" else ROOT / "configs" / f"{name}.yaml"
     if name != "base":  # the file itself repeats no callback
         assert "callbacks" not in (yaml.safe_load(path.read_text())["trainer"] or {})
     config, callbacks = _resolved(path, fake_d4rl_dir)
-    base, _ = _resolved(ROOT / "configs" / "base.yaml", fake_d4rl_dir)
+    base, _ = _resolved(BASE, fake_d4rl_dir)
     # the callback list is base.yaml's, untouched
     assert config["trainer"]["callbacks"] == base["trainer"]["callbacks"]
     classes = [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]]

@@ -1,20 +1,16 @@
 """What a fit says on the console: losses and the latest and best evaluation score on the
-progress bar, one line per evaluation (written by `Evaluation` through `say`), and at the end
-the run, its best score and checkpoint, and how to open it in the MLflow UI.
-
-`quiet()` silences the tips and deprecation notices of the libraries under qt (Lightning's
-"💡 Tip" lines, MLflow's database set-up lines, deprecations qt cannot act on); `cli.py` calls
-it for qt's own runs. Warnings that concern the user's run are left alone.
+progress bar, one line per evaluation (written by `Evaluation` through `qt.console.say`), and at
+the end the run, its best score and checkpoint, and how to open it in the MLflow UI.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import warnings
-
 import lightning as L
+from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from qt.callbacks.evaluation import Evaluation
+from qt.console import say
 
 # callback metric -> its name on the progress bar
 BAR_METRICS = {
@@ -24,48 +20,6 @@ BAR_METRICS = {
     "eval/normalized_score": "score",
     "eval/best_normalized_score": "best",
 }
-
-
-def say(trainer: L.Trainer | None, message: str) -> None:
-    """Print a line on rank 0, above the progress bar when there is one."""
-    if trainer is not None and trainer.global_rank != 0:
-        return
-    bar = getattr(trainer, "progress_bar_callback", None) if trainer is not None else None
-    if bar is not None and getattr(bar, "is_enabled", False):
-        bar.print(message)
-    else:
-        print(message, flush=True)
-
-
-class _NoTips(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
-
-
-def quiet() -> None:
-    """Silence library noise that a qt user cannot act on (see the module docstring)."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        logger.addFilter(_NoTips())
-        for handler in logger.handlers:
-            handler.addFilter(_NoTips())
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_NoTips())
-    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-    # MLflow sets its loggers up when imported (INFO: "Creating initial MLflow database
-    # tables..."); a user's own MLFLOW_LOGGING_LEVEL wins
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    # and a progress bar on stderr for every artifact it reads back (a study's study.json)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    # qt serves no validation batches (evaluation is a callback): Lightning's note about it
-    warnings.filterwarnings("ignore", message=r".*Total length of `\w+` across ranks is zero")
-    warnings.filterwarnings("ignore", message=r".*does not have many workers")
-    # iterations without an evaluation (eval_every_n_epochs > 1): the checkpoint waits for one
-    warnings.filterwarnings("ignore", message=r".*could not find the monitored key")
 
 
 def _format(value: float) -> str:
@@ -117,8 +71,6 @@ class Console(L.Callback):
             else:  # without a monitor, the kept file is the latest one (last.ckpt)
                 last = cb.last_model_path or cb.best_model_path or last
         if best is not None and best.best_model_score is not None:
-            from qt.callbacks.evaluation import Evaluation
-
             at = [cb.best_iteration for cb in trainer.callbacks if isinstance(cb, Evaluation)]
             where = f" (iteration {at[0]})" if at and at[0] else ""
             lines.append(f"best      {best.monitor} {_format(float(best.best_model_score))}"
@@ -139,8 +91,6 @@ class Console(L.Callback):
 
     @staticmethod
     def _run(trainer: L.Trainer) -> dict | None:
-        from lightning.pytorch.loggers import MLFlowLogger
-
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 client = logger.experiment
@@ -151,4 +101,4 @@ class Console(L.Callback):
         return None
 
 
-__all__ = ["BAR_METRICS", "Console", "quiet", "say"]
+__all__ = ["BAR_METRICS", "Console"]

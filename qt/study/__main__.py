@@ -6,6 +6,13 @@ import argparse
 import os
 import sys
 
+from qt.console import quiet
+from qt.study.merge import merge as merge_study
+from qt.study.report import report
+from qt.study.runner import run as run_study
+from qt.study.spec import load_study
+from qt.study.store import study_from_store
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -24,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
                           "then `merge`)")  # fmt: skip
     run.add_argument("--check", action="store_true",
                      help="validate the study file with cli.py's parser and stop")  # fmt: skip
-    report = sub.add_parser("report", help="write the report of a study from MLflow")
-    report.add_argument("name", help="the study's name")
-    report.add_argument("--save-dir", default="runs", help="the study's save_dir (default: runs)")
-    report.add_argument("--results", default=None, help="default: the study file's (results)")
+    rep = sub.add_parser("report", help="write the report of a study from MLflow")
+    rep.add_argument("name", help="the study's name")
+    rep.add_argument("--save-dir", default="runs", help="the study's save_dir (default: runs)")
+    rep.add_argument("--results", default=None, help="default: the study file's (results)")
     merge = sub.add_parser(
         "merge", help="copy a study's finished runs from another machine's MLflow store into this one"
     )  # fmt: skip
@@ -35,14 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("source", help="the other store: its mlflow.db file, or a tracking URI")
     merge.add_argument("--save-dir", default="runs", help="this study's save_dir (default: runs)")
     args = parser.parse_args(argv)
-    from qt.callbacks.console import quiet
-
     quiet()  # no MLflow set-up lines when the study opens the store
     os.environ.setdefault("MPLBACKEND", "Agg")
-
-    from qt.study import report as rep
-    from qt.study.spec import load_study
-
     if args.command == "run":
         study = load_study(args.study)
         if args.workers is not None:
@@ -55,20 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             here = "" if study.selected is None else f", {len(study.jobs_here())} of them here"
             print(f"[study] {study.name}: {len(study.jobs())} runs{here}; the study file is valid.")
             return 0
-        from qt.study.runner import run as run_study
-
         return run_study(study, args.backend, args.address)
     if args.command == "merge":
-        from qt.study.merge import merge as merge_study
-
         n = merge_study(args.name, args.source, args.save_dir)
         print(f"[study] {args.name}: copied {n['copied']} jobs from {args.source} "
               f"({n['here']} were done here already, {n['absent']} are done on neither"
               f"{_other(n['other'])}); "
               f"`python -m qt.study report {args.name}` reports them.", flush=True)  # fmt: skip
         return 0
-    study = rep.study_from_store(args.name, args.save_dir, args.results)
-    result, path = rep.report(study)
+    study = study_from_store(args.name, args.save_dir, args.results)
+    result, path = report(study)
     print(result.markdown(), flush=True)
     print(f"[study] report: {path}/", flush=True)
     return 0

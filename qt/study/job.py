@@ -1,13 +1,14 @@
-"""One study job in its own process: `cli.py fit` (or its resumption), then `cli.py test` of the
-fit's best checkpoint. `python -m qt.study.job SPEC_JSON`; the study runner starts it.
+"""One study job in its own process: `qt fit` (or its resumption), then `qt test` of the fit's
+best checkpoint. `python -m qt.study.job SPEC_JSON`; the study runner starts it.
 
-Both commands are `cli.main(argv)`, what `python cli.py fit|test ...` runs, in one process so
+Both commands are `qt.cli.main(argv)`, what `qt fit|test ...` runs, in one process so
 that a job pays Python's and Lightning's start-up once. The threads setting reaches torch here
 and OMP/MKL through the environment the runner gives the process.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -18,8 +19,6 @@ from pathlib import Path
 def _die_with_parent(parent: int) -> None:
     """SIGTERM when the study process dies (even by SIGKILL): the fit saves last.ckpt and stops."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
@@ -35,13 +34,16 @@ def best_checkpoint(save_dir: str, experiment_id: str, run_id: str) -> Path:
 
 
 def run(spec: dict) -> int:
+    # qt.cli (torch, Lightning: seconds) is imported once the process would die with its
+    # parent (_die_with_parent), so that a study killed meanwhile leaves no orphan fit
     import torch
+
+    from qt import cli
 
     torch.set_num_threads(spec["threads"])
     print(f"[job] threads: torch {torch.get_num_threads()}, OMP_NUM_THREADS "
           f"{os.environ.get('OMP_NUM_THREADS')}, MKL_NUM_THREADS {os.environ.get('MKL_NUM_THREADS')}",
           flush=True)  # fmt: skip
-    import cli
 
     logger = "--trainer.logger.init_args."
     common = [f"{logger}experiment_name", spec["experiment"], f"{logger}save_dir", spec["save_dir"]]
@@ -52,7 +54,7 @@ def run(spec: dict) -> int:
                 f"{logger}run_name", spec["run_name"],
                 f"{logger}tags", json.dumps({**tags, "qt.study.kind": "fit"})]  # fmt: skip
         if spec.get("resume"):
-            argv += ["--ckpt_path", f"run:{fit_run}"]  # cli.py checks it is this configuration
+            argv += ["--ckpt_path", f"run:{fit_run}"]  # qt.cli checks it is this configuration
             print(f"[job] resuming fit run {fit_run} from {spec['resume']}", flush=True)
         fit = cli.main(argv)
         fit_run = fit.trainer.logger.run_id
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(argv[0])
     sys.argv = sys.argv[:1]  # cli.main gets its arguments explicitly
     _die_with_parent(spec.get("parent_pid", 0))
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from lightning.pytorch.utilities.exceptions import SIGTERMException  # after, as qt.cli
 
     try:
         return run(spec)

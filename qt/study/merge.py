@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qt.study import report as rep
+from qt.study import store
 from qt.study.spec import StudyError
 
 BATCH = {"metrics": 1000, "params": 100}  # MLflow's log_batch limits
@@ -71,8 +71,8 @@ def merge(name: str, source: str, save_dir: str = "runs") -> dict[str, int]:
 
     from qt.study.runner import lock_study
 
-    study = rep.study_from_store(name, save_dir)  # the study as it last ran here
-    client, uri = rep.client_for(study)
+    study = store.study_from_store(name, save_dir)  # the study as it last ran here
+    client, uri = store.client_for(study)
     src_uri = source_uri(source)
     if src_uri == uri:
         raise StudyError(f"merge source {source!r} is this study's own store ({uri}).")
@@ -84,7 +84,7 @@ def merge(name: str, source: str, save_dir: str = "runs") -> dict[str, int]:
             f"merge source {source!r} has no experiment {study.experiment!r}: it never ran study {name!r}."
         )  # fmt: skip
     keys = {job.key for job in study.jobs()}
-    fits = {r.data.tags.get("qt.study.key", "?") for r in rep.study_runs(src, src_exp.experiment_id, name)
+    fits = {r.data.tags.get("qt.study.key", "?") for r in store.study_runs(src, src_exp.experiment_id, name)
             if r.data.tags.get("qt.study.kind") == "fit" and r.info.status == "FINISHED"}  # fmt: skip
     strangers = sorted(fits - keys)
     if fits and not fits & keys:
@@ -95,9 +95,9 @@ def merge(name: str, source: str, save_dir: str = "runs") -> dict[str, int]:
         )  # fmt: skip
 
     exp_id = client.get_experiment_by_name(study.experiment).experiment_id
-    parent = rep.parent_run(client, exp_id, name)
-    here = {s.job.key: s for s in rep.job_states(client, exp_id, study)}
-    there = rep.job_states(src, src_exp.experiment_id, study)
+    parent = store.parent_run(client, exp_id, name)
+    here = {s.job.key: s for s in store.job_states(client, exp_id, study)}
+    there = store.job_states(src, src_exp.experiment_id, study)
     todo = [s for s in there if s.done and not here[s.job.key].done]
     counts = {"copied": len(todo), "here": sum(s.done for s in here.values()),
               "absent": sum(not s.done and not here[s.job.key].done for s in there),

@@ -1,14 +1,6 @@
-"""A study's results, read back from MLflow: per task and variant, and across tasks, with
-95% stratified-bootstrap intervals computed by `rliable` (Agarwal et al., NeurIPS 2021).
-
-Three scores per (task, variant, seed), all D4RL-normalised, here, from the mean returns the
-runs logged and D4RL's published reference returns of the task (`qt.tasks`), so that runs
-scored on another scale when they ran (before the project used D4RL's references for
-generated datasets too) are reported on the one scale:
-- best: the best evaluation score during the fit (the paper's protocol), the maximum over the
-  fit run's `eval/return_mean` history;
-- last: its last evaluation score;
-- test: the `test/return_mean` of the test run of the fit's best checkpoint.
+"""A study's report: per task and variant, and across tasks, the three D4RL-normalised scores
+of `qt.study.store` (best, last, test) with 95% stratified-bootstrap intervals computed by
+`rliable` (Agarwal et al., NeurIPS 2021); results/<name>/ holds it as Markdown, JSON and plots.
 
 Everything here comes from the MLflow store (metric histories, params, tags), never from files
 a crash could have left half-written.
@@ -16,126 +8,28 @@ a crash could have left half-written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+from rliable import library as rly
+from rliable import metrics
 
-from qt.study.spec import Job, Study
+from qt.study.spec import Job, Study, StudyError
+from qt.study.store import Result, client_for, job_states, parent_run, read_result
 
 SCORES = {"best": "best eval during fit", "last": "last eval", "test": "test (best ckpt)"}
 AGGREGATES = ("IQM", "mean")
 SEED = 0  # every bootstrap starts from this seed: the same runs give the same report
-
-
-# ---------------------------------------------------------------------------- MLflow read-back
-def client_for(study: Study):
-    import mlflow
-
-    from qt.tracking import default_tracking_uri
-
-    uri = default_tracking_uri(study.save_dir)
-    return mlflow.MlflowClient(uri), uri
-
-
-def study_runs(client, experiment_id: str, name: str) -> list:
-    return client.search_runs(
-        [experiment_id], filter_string=f"tags.study = '{name}'", max_results=50_000,
-        order_by=["attributes.start_time DESC"],
-    )  # fmt: skip
-
-
-@dataclass
-class JobState:
-    """What MLflow knows of one job: its newest fit and test runs of the job's key."""
-
-    job: Job
-    fit: object | None = None  # mlflow Run
-    test: object | None = None
-
-    @property
-    def fit_finished(self) -> bool:
-        return self.fit is not None and self.fit.info.status == "FINISHED"
-
-    @property
-    def done(self) -> bool:
-        return (
-            self.fit_finished
-            and self.test is not None
-            and self.test.info.status == "FINISHED"
-            and "test/return_mean" in self.test.data.metrics
-        )
-
-
-def job_states(client, experiment_id: str, study: Study) -> list[JobState]:
-    runs = study_runs(client, experiment_id, study.name)
-    states = []
-    for job in study.jobs():
-        mine = [r for r in runs if r.data.tags.get("qt.study.key") == job.key]
-        fits = [r for r in mine if r.data.tags.get("qt.study.kind") == "fit"]
-        tests = {r.data.tags.get("qt.study.fit_run"): r for r in reversed(mine)
-                 if r.data.tags.get("qt.study.kind") == "test" and r.info.status == "FINISHED"}  # fmt: skip
-        finished = [r for r in fits if r.info.status == "FINISHED"]
-        # a finished fit with a finished test if there is one (a job merged from another store
-        # keeps its start time, so it may be older than a fit made here), else the newest
-        # finished fit, else the newest fit (runs are newest first)
-        fit = next((r for r in finished if r.info.run_id in tests), None)
-        fit = fit or next(iter(finished), fits[0] if fits else None)
-        states.append(JobState(job, fit, tests.get(fit.info.run_id) if fit else None))
-    return states
-
-
-def eval_history(client, run, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """(training steps, D4RL-normalised score) of a fit run of `task`, one point per evaluation.
-
-    A resumed fit may log an iteration twice (killed after its evaluation was logged, before
-    its last.ckpt was written); both values are the same, and the later one is kept.
-    An evaluation is logged at step = steps trained - 1, at the end of a whole iteration, of one
-    cut short by `trainer.max_time`, and across a resume alike (tests/test_fit.py,
-    tests/test_faults.py pin this), so the metric's own step gives the training steps.
-    """
-    from qt.tasks import get_task
-
-    normalized = get_task(task).normalized_score
-    returns = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval/return_mean"), key=lambda m: m.timestamp)}  # fmt: skip
-    steps = sorted(returns)
-    scores = [normalized(returns[s]) for s in steps]
-    return np.array(steps, dtype=float) + 1, np.array(scores, dtype=float)
-
-
-@dataclass
-class Result:
-    job: Job
-    best: float
-    last: float
-    test: float
-    steps: np.ndarray
-    curve: np.ndarray
-    params: dict
-    seconds: float  # fit run + test run durations
-    start_ms: int
-    end_ms: int
-
-
-def read_result(client, state: JobState) -> Result:
-    from qt.tasks import get_task
-
-    steps, curve = eval_history(client, state.fit, state.job.task)
-    fit, test = state.fit.info, state.test.info
-    return Result(
-        job=state.job,
-        best=float(curve.max()),
-        last=float(curve[-1]),
-        test=get_task(state.job.task).normalized_score(state.test.data.metrics["test/return_mean"]),
-        steps=steps,
-        curve=curve,
-        params=state.fit.data.params,
-        seconds=((fit.end_time - fit.start_time) + (test.end_time - test.start_time)) / 1000,
-        start_ms=min(fit.start_time, test.start_time),
-        end_ms=max(fit.end_time, test.end_time),
-    )
+# Variant names whose meaning changed: before the Decision Transformer as published existed
+# (docs/baselines.md), studies called QT's trainer with eta 0 and no Q in acting `dt`; a store's
+# `dt` of that kind is reported under its present name.
+LEGACY_VARIANTS = {"dt": "qt-no-q"}
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -145,8 +39,6 @@ def interval(scores: np.ndarray, func, reps: int) -> tuple[np.ndarray, np.ndarra
     rliable's StratifiedBootstrap draws its indices from numpy's global generator, so it is
     seeded here (and its state put back): the same scores always give the same interval.
     """
-    from rliable import library as rly
-
     state = np.random.get_state()  # noqa: NPY002 (rliable draws from the global generator)
     np.random.seed(SEED)  # noqa: NPY002
     try:
@@ -157,14 +49,10 @@ def interval(scores: np.ndarray, func, reps: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _cell_mean(x: np.ndarray) -> np.ndarray:
-    from rliable import metrics
-
     return np.array([metrics.aggregate_mean(x)])
 
 
 def _iqm_and_mean(x: np.ndarray) -> np.ndarray:
-    from rliable import metrics
-
     return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
 
 
@@ -177,6 +65,7 @@ class Report:
     study: Study
     results: list[Result]
     missing: list[Job]
+    renamed: dict = field(default_factory=dict)  # a study's variant name -> the name reported
     cells: dict = field(default_factory=dict)  # (task, variant, score) -> {mean, lo, hi, values}
     aggregates: dict = field(default_factory=dict)  # (variant, score, stat) -> {value, lo, hi}
     curves: dict = field(default_factory=dict)  # (task, variant) -> (steps, mean, lo, hi)
@@ -264,6 +153,10 @@ class Report:
             span = (max(r.end_ms for r in self.results) - min(r.start_ms for r in self.results)) / 1000  # fmt: skip
             busy = sum(r.seconds for r in self.results)
             out.append(f"Wall time: {span / 60:.1f} min from the first fit's start to the last test's end; {busy / 60:.1f} min of fits and tests in all.")  # fmt: skip
+        for old, new in self.renamed.items():
+            out.append(f"Variant {old!r} of the study file is reported as {new!r}: QT's trainer "
+                       "with eta 0 and no Q in acting, the name's meaning before the Decision "
+                       "Transformer as published joined the studies (docs/baselines.md).")  # fmt: skip
         if self.missing:
             out.append(f"Incomplete: {done} of {total} runs finished; missing: "
                        + ", ".join(j.label for j in self.missing) + ".")  # fmt: skip
@@ -307,8 +200,6 @@ class Report:
         }  # fmt: skip
 
     def plot_curves(self, path: Path) -> None:
-        import matplotlib.pyplot as plt
-
         tasks = list(self.study.tasks)
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.4), squeeze=False)
         for ax, task in zip(axes[0], tasks):
@@ -329,8 +220,6 @@ class Report:
 
     def plot_intervals(self, path: Path) -> None:
         """One panel per (score, statistic): the point estimate and its interval per variant."""
-        import matplotlib.pyplot as plt
-
         variants = list(self.study.variants)
         fig, axes = plt.subplots(len(SCORES), len(AGGREGATES), squeeze=False,
                                  figsize=(8, 0.6 + len(SCORES) * (0.5 + 0.35 * len(variants))))  # fmt: skip
@@ -367,27 +256,60 @@ def _write(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------- entry points
-def parent_run(client, experiment_id: str, name: str):
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.study = '{name}' and tags.`qt.study.kind` = 'study'",
-        order_by=["attributes.start_time ASC"], max_results=1,
-    )  # fmt: skip
-    return runs[0] if runs else None
-
-
 def build(study: Study, client, experiment_id: str) -> Report:
     states = job_states(client, experiment_id, study)
     results = [read_result(client, st) for st in states if st.done]
     missing = [st.job for st in states if not st.done]
-    return Report(study, results, missing).compute()
+    renamed = legacy_renames(study, results)
+    if renamed:
+        study, results, missing = _rename(study, results, missing, renamed)
+    return Report(study, results, missing, renamed=renamed).compute()
+
+
+def _qt_without_q(eta, train_critic) -> bool:
+    return float(eta) == 0.0 and str(train_critic) == "True"
+
+
+def legacy_renames(study: Study, results: list[Result]) -> dict[str, str]:
+    """{old: new} for each variant named as in LEGACY_VARIANTS whose fits are QT's trainer with
+    eta 0 (their params; the study's overrides when none has finished), unless the study also
+    has a variant of the new name."""
+    renames = {}
+    for old, new in LEGACY_VARIANTS.items():
+        if old not in study.variants or new in study.variants:
+            continue
+        mine = [r.params for r in results if r.job.variant == old]
+        over = study.variants[old]
+        if mine:
+            ablation = all(
+                _qt_without_q(
+                    p.get("config.model.eta", 1), p.get("config.model.train_critic", True)
+                )
+                for p in mine
+            )
+        else:
+            ablation = _qt_without_q(over.get("model.eta", 1), over.get("model.train_critic", True))
+        if ablation:
+            renames[old] = new
+    return renames
+
+
+def _rename(study: Study, results: list[Result], missing: list[Job], names: dict[str, str]):
+    """The study, results and missing jobs with variants renamed (order and job keys kept)."""
+    keys = [j.key for j in study.jobs()]
+    variants = {names.get(v, v): over for v, over in study.variants.items()}
+    study = dataclasses.replace(study, variants=variants, keys=keys)
+
+    def job(j: Job) -> Job:
+        return dataclasses.replace(j, variant=names.get(j.variant, j.variant))
+
+    results = [dataclasses.replace(r, job=job(r.job)) for r in results]
+    return study, results, [job(j) for j in missing]
 
 
 def write(report: Report, client, parent_run_id: str | None) -> Path:
     """results/<name>/: report.md, scores.json, learning_curves.png, intervals.png; the same
     files as artifacts (`report/`) of the study's parent run."""
-    import matplotlib
-
     matplotlib.use("Agg")
     out = Path(report.study.results) / report.study.name
     out.mkdir(parents=True, exist_ok=True)
@@ -406,35 +328,10 @@ def write(report: Report, client, parent_run_id: str | None) -> Path:
     return out
 
 
-def study_from_store(name: str, save_dir: str = "runs", results: str | None = None) -> Study:
-    """The study a parent run was last started with (`study.json`, an artifact of the parent)."""
-    import mlflow
-
-    from qt.study.spec import StudyError, load_study
-    from qt.tracking import default_tracking_uri
-
-    uri = default_tracking_uri(save_dir)
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(f"study-{name}")
-    parent = None if exp is None else parent_run(client, exp.experiment_id, name)
-    if parent is None:
-        raise StudyError(f"no study named {name!r} in {uri}: run it first with `python -m qt.study run`.")  # fmt: skip
-    # the study as it last ran: its file, and its jobs' keys (config files may have changed since)
-    spec = json.loads(mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/study.json"))
-    study = load_study(Path(f"{name}.yaml"), check=False, text=spec["source"])
-    study.name, study.config, study.save_dir = name, spec["config"], save_dir
-    study.keys = spec["keys"]
-    if results is not None:
-        study.results = results
-    return study
-
-
 def report(study: Study) -> tuple[Report, Path]:
     client, _ = client_for(study)
     exp = client.get_experiment_by_name(study.experiment)
     if exp is None:
-        from qt.study.spec import StudyError
-
         raise StudyError(f"no MLflow experiment {study.experiment!r}: run the study first.")
     parent = parent_run(client, exp.experiment_id, study.name)
     rep = build(study, client, exp.experiment_id)

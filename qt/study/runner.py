@@ -1,6 +1,6 @@
 """Running a study: one MLflow parent run, one job per (task, variant, seed), resumable.
 
-A job is a process (`python -m qt.study.job`) that runs `cli.py fit` and `cli.py test` of the
+A job is a process (`python -m qt.study.job`) that runs `qt fit` and `qt test` of the
 fit's best checkpoint. Before anything starts, MLflow says what each job still needs:
 nothing (its test run finished), the test (its fit finished), the fit resumed from its
 `last.ckpt` in the same MLflow run (an interrupted fit), or everything.
@@ -18,10 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from qt.study import report as rep
+from qt.study import store
+from qt.study.report import report
 from qt.study.spec import Study, StudyError
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _say(message: str) -> None:
@@ -32,8 +31,6 @@ def _env(threads: int) -> dict[str, str]:
     n = str(threads)
     env = dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n,
                PYTHONUNBUFFERED="1", MPLBACKEND="Agg")  # fmt: skip
-    # the job imports the same qt (and cli.py) as this process
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -57,15 +54,15 @@ def open_store(study: Study):
     from qt.tracking import open_experiment, store_lock
 
     Path(study.save_dir).mkdir(parents=True, exist_ok=True)
-    uri = rep.client_for(study)[1]
+    uri = store.client_for(study)[1]
     location = None
     if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
         location = (Path(study.save_dir).resolve() / "mlartifacts").as_uri()
     with store_lock(uri):  # the first use of a fresh store creates its tables
-        client = rep.client_for(study)[0]
+        client = store.client_for(study)[0]
         experiment_id = open_experiment(client, study.experiment, location)
     spec = {"source": study.source, "config": study.config, "keys": [j.key for j in study.jobs()]}
-    parent = rep.parent_run(client, experiment_id, study.name)
+    parent = store.parent_run(client, experiment_id, study.name)
     if parent is None:
         parent = client.create_run(experiment_id, run_name=study.name,
                                    tags={"study": study.name, "qt.study.kind": "study"})  # fmt: skip
@@ -75,7 +72,7 @@ def open_store(study: Study):
     return client, uri, experiment_id, parent.info.run_id
 
 
-def _spec(study: Study, state: rep.JobState, experiment_id: str, parent_id: str) -> dict:
+def _spec(study: Study, state: store.JobState, experiment_id: str, parent_id: str) -> dict:
     job = state.job
     spec = {
         "fit_args": list(job.fit_args), "seed": job.seed, "run_name": job.run_name,
@@ -96,8 +93,8 @@ def _spec(study: Study, state: rep.JobState, experiment_id: str, parent_id: str)
     return spec
 
 
-def _plan(study: Study, client, experiment_id: str) -> list[rep.JobState]:
-    states = rep.job_states(client, experiment_id, study)
+def _plan(study: Study, client, experiment_id: str) -> list[store.JobState]:
+    states = store.job_states(client, experiment_id, study)
     # Seed by seed (each seed's variants side by side): a study stopped part-way leaves whole
     # seeds, paired across variants, rather than every seed of the first variant alone.
     todo = (s for s in states if not s.done and study.runs_here(s.job))
@@ -111,7 +108,9 @@ class Progress:
         self.todo, self.total, self.finished, self.times = todo, total, 0, []
         self.t0 = time.perf_counter()
 
-    def job_done(self, state: rep.JobState, rc: int, seconds: float, log: str, exp_id: str) -> bool:
+    def job_done(
+        self, state: store.JobState, rc: int, seconds: float, log: str, exp_id: str
+    ) -> bool:
         self.finished += 1
         self.times.append(seconds)
         left = self.todo - self.finished
@@ -122,11 +121,11 @@ class Progress:
         if rc != 0:
             _say(f"{head}: FAILED (exit {rc}; log {log}); {tail}")
             return False
-        [now] = [s for s in rep.job_states(self.client, exp_id, self.study) if s.job == state.job]
+        [now] = [s for s in store.job_states(self.client, exp_id, self.study) if s.job == state.job]
         if not now.done:
             _say(f"{head}: no finished test run in MLflow (log {log}); {tail}")
             return False
-        r = rep.read_result(self.client, now)
+        r = store.read_result(self.client, now)
         _say(f"{head}: best {r.best:.1f}, last {r.last:.1f}, test {r.test:.1f}; {tail}")
         return True
 
@@ -164,7 +163,7 @@ def _local(study, todo, specs, logs, progress, exp_id) -> int:
                 failed += not ok
     except KeyboardInterrupt:
         for proc, _, _ in running.values():
-            proc.terminate()  # SIGTERM: the fit saves last.ckpt (qt.checkpointing.SaveOnSigterm)
+            proc.terminate()  # SIGTERM: the fit saves last.ckpt (qt.callbacks.sigterm.SaveOnSigterm)
         for proc, _, _ in running.values():
             proc.wait()
         raise
@@ -184,7 +183,7 @@ def _ray(study, todo, specs, logs, progress, exp_id, address: str | None) -> int
     else:  # a local instance with the CPUs the study's workers would use
         ray.init(
             num_cpus=study.workers * study.threads_per_worker, include_dashboard=False,
-            log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+            log_to_driver=False,
         )  # fmt: skip
     try:
         task = ray.remote(num_cpus=study.threads_per_worker, num_gpus=study.gpus_per_worker,
@@ -229,7 +228,7 @@ def _close_stale_runs(client, exp_id: str, study: Study, specs: list[dict]) -> N
     the seeds run here (a shared tracking server may hold other machines' live runs)."""
     resumed = {spec.get("fit_run_id") for spec in specs if "resume" in spec}
     mine = {j.key for j in study.jobs_here()}  # other seeds: other machines'
-    for run in rep.study_runs(client, exp_id, study.name):
+    for run in store.study_runs(client, exp_id, study.name):
         kind = run.data.tags.get("qt.study.kind")
         if (
             kind in ("fit", "test")
@@ -275,11 +274,11 @@ def run(study: Study, backend: str = "local", address: str | None = None) -> int
         _say("interrupted: running the same command again resumes the study.")
         return 130
     _say(f"jobs done in {_minutes(time.perf_counter() - t0)}; {failed} failed")
-    report, path = rep.report(study)
-    print(report.markdown(), flush=True)
+    result, path = report(study)
+    print(result.markdown(), flush=True)
     _say(f"report: {path}/ (report.md, scores.json, learning_curves.png, intervals.png); "
          f"also artifacts of MLflow run {parent_id}")  # fmt: skip
-    missing = [j for j in report.missing if study.runs_here(j)]  # other seeds: other machines
+    missing = [j for j in result.missing if study.runs_here(j)]  # other seeds: other machines
     client.set_terminated(parent_id, "FAILED" if failed or missing else "FINISHED")
     return 1 if failed or missing else 0
 

@@ -2,12 +2,12 @@
 
 ```yaml
 name: maze2d-umaze-cpu            # default: the file's stem; names the MLflow parent run
-config: configs/demo.yaml         # the fit config (configs/base.yaml is always read first)
+config: configs/demo.yaml         # the fit config (qt/configs/base.yaml is always read first)
 tasks:                            # a list of task names, or task: {its own overrides}
   maze2d-umaze-v1: {data.path: data/d4rl/maze2d-umaze-sparse-v1.hdf5}
 variants:                         # name: overrides of `cli.py fit` ({} = the config as is)
   qt: {}
-  dt: {model.eta: 0, model.rtg_no_q: true, model.infer_no_q: true}
+  qt-no-q: {model.eta: 0, model.rtg_no_q: true, model.infer_no_q: true}
 seeds: [0, 1, 2]
 overrides: {trainer.max_epochs: 8}  # shared by every fit
 workers: 2                        # fits at once (local backend)
@@ -30,8 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from jsonargparse import Namespace, dict_to_namespace
 
-ROOT = Path(__file__).resolve().parents[2]
+from qt.cli import resolved_config
+from qt.tasks import get_task
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 KEYS = {
     "name": "a name of letters, digits, '.', '_' or '-'",
@@ -187,8 +190,8 @@ def _whole(data: dict, key: str, default, least: float, kind=int):
 
 
 def _resolve(path: str, base: Path) -> str:
-    """A path as written if it exists from here, else relative to the study file or the repo."""
-    for candidate in (Path(path), base / path, ROOT / path):
+    """A path as written if it exists from here, else relative to the study file."""
+    for candidate in (Path(path), base / path):
         if candidate.exists():
             return str(candidate)
     return path
@@ -219,8 +222,6 @@ def load_study(path: str | Path, check: bool = True, text: str | None = None) ->
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not _NAME.match(name):
         raise StudyError(f"study key 'name': expected {KEYS['name']}, got {name!r}.")
-
-    from qt.tasks import get_task
 
     raw_tasks = data.get("tasks")
     if isinstance(raw_tasks, list):
@@ -303,44 +304,16 @@ def check_with_cli(study: Study) -> None:
                 )
 
 
-def parse_fit(args: list[str], where: str):
-    """`cli.py fit ARGS` parsed by the real parser (nothing instantiated or run)."""
-    import cli
-
-    class ParseOnly(cli.QTCLI):
-        def _set_seed(self) -> None:
-            pass
-
-        def before_instantiate_classes(self) -> None:
-            pass
-
-        def instantiate_classes(self) -> None:
-            pass
-
-        def _add_configure_optimizers_method_to_model(self, subcommand) -> None:
-            pass
-
-        def _run_subcommand(self, subcommand) -> None:
-            pass
-
+def parse_fit(args: list[str], where: str) -> Namespace:
+    """`cli.py fit ARGS` resolved by the real parser (nothing instantiated or run)."""
     err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            parsed = ParseOnly(
-                cli.QTModule,
-                cli.QTDataModule,
-                seed_everything_default=123,
-                parser_kwargs={
-                    sub: {"default_config_files": [str(cli.BASE_CONFIG)]} for sub in cli.SUBCOMMANDS
-                },
-                save_config_callback=None,
-                args=["fit", *args],
-                run=True,
-            )
+        with contextlib.redirect_stderr(err):
+            config = resolved_config(["fit", *args])
     except SystemExit:
         text = err.getvalue()
         message = text.rsplit("error:", 1)[-1] if "error:" in text else text
         lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
         reason = " ".join(lines[:2]).rstrip(".") or "rejected"
         raise StudyError(f"{where}: `cli.py fit` rejects the overrides: {reason}.") from None
-    return parsed.config.fit
+    return dict_to_namespace(config)

@@ -27,7 +27,7 @@ def test_a_tiny_fit_says_what_it_does(tmp_path):
            "--data.path", str(data), "--trainer.max_epochs", "3", "--model.max_iters", "3",
            "--trainer.enable_progress_bar", "true",
            "--trainer.callbacks+=tests.support.probe.MetricsProbe"]  # fmt: skip
-    env = dict(os.environ, QT_PROBE_DIR=str(tmp_path), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+    env = dict(os.environ, QT_PROBE_DIR=str(tmp_path), OMP_NUM_THREADS="1",
                COLUMNS="200")  # fmt: skip
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("MLFLOW_LOGGING_LEVEL", None)

@@ -18,13 +18,13 @@ from qt.checkpointing import load_checkpoint
 from qt.datagen.maze2d import generate
 from qt.datagen.writers import write_d4rl_hdf5
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli_fit(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`cli.py fit --config configs/tiny.yaml ARGS` in folder `cwd`, one thread; it must pass."""
     cmd = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs" / "tiny.yaml"), *args]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env)
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -90,7 +90,7 @@ def test_evaluating_every_second_iteration_keeps_the_best_of_the_evaluated_ones(
 def test_a_fit_stopped_by_max_time_evaluates_where_it_stopped(tmp_path):
     """`trainer.max_time` ends a fit mid-iteration (the GPU study's budget); that iteration is
     evaluated and checkpointed at the steps it trained, and the study report reads it there."""
-    from qt.study.report import eval_history
+    from qt.study.store import eval_history
 
     ds = generate("maze2d-umaze-dense-v1", steps=2000, seed=0, ref_episodes=1, max_episode_steps=60)
     data = write_d4rl_hdf5(ds, tmp_path / "maze2d-umaze-dense-v1.hdf5")

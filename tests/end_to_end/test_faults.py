@@ -18,7 +18,7 @@ from qt.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoin
 from qt.datagen.maze2d import generate
 from qt.datagen.writers import write_d4rl_hdf5
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
@@ -161,7 +161,7 @@ def test_a_killed_fit_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "eval/return_mean")]
     assert len(steps) == 3
     # logged at steps trained - 1 across the resume, where the study report places them
-    from qt.study.report import eval_history
+    from qt.study.store import eval_history
 
     assert sorted(steps) == [9, 19, 29]
     assert eval_history(client, runs[0], "maze2d-umaze-v1")[0].tolist() == [10, 20, 30]

@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
     for key in ("MLFLOW_TRACKING_URI", "D4RL_DATASET_DIR", "MINARI_DATASETS_PATH"):
         env.pop(key, None)
     if "QT_DATA_DIR" not in extra:

@@ -16,12 +16,12 @@ from qt.datagen.maze2d import generate
 from qt.datagen.writers import write_d4rl_hdf5
 from qt.tasks import get_task
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
     env.pop("MLFLOW_TRACKING_URI", None)
     if "QT_TRACEBACK" not in extra:
         env.pop("QT_TRACEBACK", None)

@@ -18,7 +18,7 @@ import torch
 from qt.datagen.maze2d import generate
 from qt.datagen.writers import write_d4rl_hdf5
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MLFLOW = Path(sys.executable).with_name("mlflow")
 
 
@@ -60,7 +60,7 @@ def test_a_fit_against_a_tracking_server_reads_back(server, tmp_path):
     ds = generate("maze2d-umaze-v1", steps=3000, seed=0, ref_episodes=1, max_episode_steps=60)
     data = write_d4rl_hdf5(ds, tmp_path / "maze2d-umaze-sparse-v1.hdf5")
     env = dict(os.environ, MLFLOW_TRACKING_URI=server, QT_PROBE_DIR=str(tmp_path),
-               PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # fmt: skip
+               OMP_NUM_THREADS="1")  # fmt: skip
     cmd = [
         sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
         "--data.path", str(data), "--trainer.callbacks+=tests.support.probe.MetricsProbe",

@@ -24,7 +24,7 @@ from qt.datagen.maze2d import generate
 from qt.datagen.writers import write_d4rl_hdf5
 from qt.study.spec import StudyError, load_study
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("maze2d-umaze-dense-v1", "maze2d-open-dense-v0")  # dense: scores differ by seed
 REPS = 500
 
@@ -70,7 +70,7 @@ def _cmd(*args: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    env = dict(os.environ, MPLBACKEND="Agg")
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 

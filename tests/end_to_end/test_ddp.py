@@ -18,7 +18,7 @@ from qt.datagen.maze2d import generate
 from qt.datagen.writers import write_d4rl_hdf5
 from qt.module import QTModule, _clip
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
 
 
@@ -90,7 +90,7 @@ def test_two_process_ddp_matches_the_mean_gradient(tmp_path):
         "--model.embed_dropout", "0", "--model.eta", "1.0", "--trainer.logger", "false",
         "--trainer.callbacks+=tests.support.probe.Probe",
     ]  # fmt: skip
-    env = dict(os.environ, QT_PROBE_DIR=str(tmp_path), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, QT_PROBE_DIR=str(tmp_path), OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
