@@ -39,6 +39,11 @@ METRICS = ("train/critic_loss", "train/bc_loss", "train/q_loss", "train/actor_lo
            "train/target_q_mean", "train/actor_grad_norm", "train/critic_grad_norm")  # fmt: skip
 
 
+# QTModule options a pack does not implement (the Decision Transformer's recipe), at the
+# values it does
+_QT_RECIPE = {"train_critic": True, "optimizer": "adam", "warmup_steps": 0}
+
+
 @dataclass(frozen=True)
 class _Config:
     """The static facts of a pack's step (constants of the compiled function)."""
@@ -54,6 +59,8 @@ class _Config:
     k_rewards: bool
     use_discount: bool
     repeats: int
+    next_state: bool
+    idle: tuple[str, ...]  # actor parameters that get no gradient (torch's Adam skips them)
     amp: torch.dtype | None
     device_type: str
 
@@ -92,6 +99,14 @@ class PackedQTModule(L.LightningModule):
         bad = sorted(set(hparams) - set(QTModule.__init__.__code__.co_varnames[1:]))
         if bad:
             raise UserError(f"PackedQTModule got unknown settings {', '.join(bad)}.")
+        unpackable = {
+            k: hparams[k] for k, ok in _QT_RECIPE.items() if k in hparams and hparams[k] != ok
+        }
+        if unpackable:
+            raise UserError(
+                f"PackedQTModule got {unpackable}: a pack trains QT's recipe "
+                f"({', '.join(f'{k}={v!r}' for k, v in _QT_RECIPE.items())}); fit these alone."
+            )
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.members = [dict(m) for m in members]
@@ -146,7 +161,9 @@ class PackedQTModule(L.LightningModule):
             dropout=float(hp.dropout), embed_dropout=float(hp.embed_dropout),
             ema_dropout=bool(hp.ema_dropout), discount=float(hp.discount),
             k_rewards=bool(hp.k_rewards), use_discount=bool(hp.use_discount),
-            repeats=10 if hp.max_q_backup else 1, amp=None, device_type="cpu",
+            repeats=10 if hp.max_q_backup else 1, next_state=bool(hp.next_state_loss),
+            idle=() if hp.next_state_loss else ("predict_state.weight", "predict_state.bias"),
+            amp=None, device_type="cpu",
         )  # fmt: skip
         self._autocast = autocast
         self._step_fns: dict = {}
@@ -212,6 +229,8 @@ class PackedQTModule(L.LightningModule):
             if steps > 0:
                 m, v = self._group(group + "_exp_avg"), self._group(group + "_exp_avg_sq")
                 for p, name in zip(params, m):
+                    if group == "actor" and name in self._cfg.idle:
+                        continue  # no gradient, no state (as torch's Adam)
                     opt.state[p] = {
                         "step": torch.tensor(float(steps)),
                         "exp_avg": m[name][i].detach().clone(),
@@ -500,13 +519,15 @@ def _clip_and_adam(
     neg_step_size: torch.Tensor,
     bc2_sqrt: torch.Tensor,
     weight_decay: torch.Tensor | None,
+    idle: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """clip_grad_norm_ (foreach) then torch.optim.Adam's update, per member, in place.
 
     A member updates only where `ok` and its loss and total grad norm are finite; returns its
-    pre-clip grad norm and that final ok.
+    pre-clip grad norm and that final ok. Parameters in `idle` get no gradient from the loss
+    (None in torch): they take no part in the norm and are not updated.
     """
-    names = list(params)
+    names = [k for k in params if k not in idle]
     norms = torch.stack(
         [torch.linalg.vector_norm(grads[k].reshape(grads[k].shape[0], -1), dim=1) for k in names]
     )
@@ -609,13 +630,14 @@ def packed_step(
             q1, q2 = PF.critic_forward(critic, batch.states, action_preds)
         state_preds, action_preds = state_preds.float(), action_preds.float()
         q1, q2 = q1.float(), q2.float()
+        bc_loss = functools.partial(losses.bc_loss, scale=cfg.scale, next_state=cfg.next_state)
         if cfg.sar:
-            bc = torch.vmap(functools.partial(losses.bc_loss, scale=cfg.scale))(
+            bc = torch.vmap(bc_loss)(
                 action_preds, batch.actions, state_preds, batch.states, batch.mask,
                 reward_preds.float(), rewards,
             )  # fmt: skip
         else:
-            bc = torch.vmap(losses.bc_loss)(
+            bc = torch.vmap(bc_loss)(
                 action_preds, batch.actions, state_preds, batch.states, batch.mask
             )
         c = coin.view(N, 1, 1, 1)
@@ -629,7 +651,7 @@ def packed_step(
     )
     a_norm, ok_a = _clip_and_adam(
         st["actor"], a_grads, st["actor_exp_avg"], st["actor_exp_avg_sq"], a_loss, ok_c,
-        inp["max_norm"], adam[:, 0], adam[:, 1], adam[:, 4],
+        inp["max_norm"], adam[:, 0], adam[:, 1], adam[:, 4], cfg.idle,
     )  # fmt: skip
     metrics = torch.stack(
         [c_loss, bc, q, a_loss, _per_member_mean(target_q), a_norm, c_norm], dim=1

@@ -119,8 +119,13 @@ def test_a_member_acts_as_its_separate_fit(fitted):
 
 @pytest.mark.parametrize(
     "variant",
-    [dict(max_q_backup=True, sar=True), dict(k_rewards=False), dict(use_discount=False)],
-    ids=["max_q_backup-sar", "one-step", "rtg-targets"],
+    [
+        dict(max_q_backup=True, sar=True),
+        dict(k_rewards=False),
+        dict(use_discount=False),
+        dict(next_state_loss=False),
+    ],
+    ids=["max_q_backup-sar", "one-step", "rtg-targets", "no-next-state"],
 )
 def test_variants_train_to_their_separate_fits(variant):
     members = [dict(seed=4, grad_norm=1.0), dict(seed=9, eta=2.0)]
@@ -288,6 +293,8 @@ def test_members_that_differ_in_architecture_are_refused():
         PackedQTModule([dict(seed=0), dict(seed=1, hidden_size=32)], **SHARED)
     with pytest.raises(UserError, match="seed"):
         PackedQTModule([dict(eta=1.0)], **SHARED)
+    with pytest.raises(UserError, match="QT's recipe"):
+        PackedQTModule([dict(seed=0)], **SHARED, optimizer="adamw")
     with pytest.raises(UserError, match="expected 2"):
         pack = PackedQTModule([dict(seed=0), dict(seed=1)], compile=False, **SHARED)
         pack.training_step(stack([stream(0, 1)])[0], 0)
