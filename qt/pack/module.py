@@ -39,6 +39,11 @@ METRICS = ("train/critic_loss", "train/bc_loss", "train/q_loss", "train/actor_lo
            "train/target_q_mean", "train/actor_grad_norm", "train/critic_grad_norm")  # fmt: skip
 
 
+# QTModule options a pack does not implement (the Decision Transformer's recipe), at the
+# values it does
+_QT_RECIPE = {"train_critic": True, "optimizer": "adam", "warmup_steps": 0}
+
+
 @dataclass(frozen=True)
 class _Config:
     """The static facts of a pack's step (constants of the compiled function)."""
@@ -54,6 +59,8 @@ class _Config:
     k_rewards: bool
     use_discount: bool
     repeats: int
+    next_state: bool
+    idle: tuple[str, ...]  # actor parameters that get no gradient (torch's Adam skips them)
     amp: torch.dtype | None
     device_type: str
 
@@ -92,6 +99,14 @@ class PackedQTModule(L.LightningModule):
         bad = sorted(set(hparams) - set(QTModule.__init__.__code__.co_varnames[1:]))
         if bad:
             raise UserError(f"PackedQTModule got unknown settings {', '.join(bad)}.")
+        unpackable = {
+            k: hparams[k] for k, ok in _QT_RECIPE.items() if k in hparams and hparams[k] != ok
+        }
+        if unpackable:
+            raise UserError(
+                f"PackedQTModule got {unpackable}: a pack trains QT's recipe "
+                f"({', '.join(f'{k}={v!r}' for k, v in _QT_RECIPE.items())}); fit these alone."
+            )
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.members = [dict(m) for m in members]
@@ -146,7 +161,9 @@ class PackedQTModule(L.LightningModule):
             dropout=float(hp.dropout), embed_dropout=float(hp.embed_dropout),
             ema_dropout=bool(hp.ema_dropout), discount=float(hp.discount),
             k_rewards=bool(hp.k_rewards), use_discount=bool(hp.use_discount),
-            repeats=10 if hp.max_q_backup else 1, amp=None, device_type="cpu",
+            repeats=10 if hp.max_q_backup else 1, next_state=bool(hp.next_state_loss),
+            idle=() if hp.next_state_loss else ("predict_state.weight", "predict_state.bias"),
+            amp=None, device_type="cpu",
         )  # fmt: skip
         self._autocast = autocast
         self._step_fns: dict = {}
@@ -212,6 +229,8 @@ class PackedQTModule(L.LightningModule):
             if steps > 0:
                 m, v = self._group(group + "_exp_avg"), self._group(group + "_exp_avg_sq")
                 for p, name in zip(params, m):
+                    if group == "actor" and name in self._cfg.idle:
+                        continue  # no gradient, no state (as torch's Adam)
                     opt.state[p] = {
                         "step": torch.tensor(float(steps)),
                         "exp_avg": m[name][i].detach().clone(),
@@ -343,12 +362,7 @@ class PackedQTModule(L.LightningModule):
         key = (device_type, amp, self.use_compile)
         if key not in self._step_fns:
             cfg = _Config(**{**self._cfg.__dict__, "amp": amp, "device_type": device_type})
-            fn = functools.partial(packed_step, cfg=cfg)
-            if self.use_compile:
-                fn = torch.compile(
-                    fn, fullgraph=True, dynamic=False, mode=compile_mode(device_type)
-                )
-            self._step_fns[key] = fn
+            self._step_fns[key] = PackedStep(cfg, self.use_compile)
         return self._step_fns[key]
 
     def _host_inputs(self) -> dict[str, torch.Tensor]:
@@ -500,13 +514,15 @@ def _clip_and_adam(
     neg_step_size: torch.Tensor,
     bc2_sqrt: torch.Tensor,
     weight_decay: torch.Tensor | None,
+    idle: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """clip_grad_norm_ (foreach) then torch.optim.Adam's update, per member, in place.
 
     A member updates only where `ok` and its loss and total grad norm are finite; returns its
-    pre-clip grad norm and that final ok.
+    pre-clip grad norm and that final ok. Parameters in `idle` get no gradient from the loss
+    (None in torch): they take no part in the norm and are not updated.
     """
-    names = list(params)
+    names = [k for k in params if k not in idle]
     norms = torch.stack(
         [torch.linalg.vector_norm(grads[k].reshape(grads[k].shape[0], -1), dim=1) for k in names]
     )
@@ -529,32 +545,11 @@ def _clip_and_adam(
     return total, ok
 
 
-def packed_step(
-    st: dict[str, dict[str, torch.Tensor]],
-    batch: Segments,
-    inp: dict[str, torch.Tensor],
-    eta2: torch.Tensor,
-    eta: torch.Tensor,
-    active: torch.Tensor,
-    *,
-    cfg: _Config,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """QTModule's training step for N members, updating `st` in place.
-
-    Returns the metrics (N, len(METRICS)) and (critic ok, actor ok) (2, N): whether each
-    member's half-steps were finite (and active) and so applied.
-    """
+def _targets(st, batch, inp, *, cfg: _Config):
+    """Critic targets from the EMA actor and the target critic, and the rewards the actor step
+    uses (QTModule._critic_loss's no-grad part), for N members."""
     N, B, K = batch.mask.shape
-    amp = torch.autocast(
-        cfg.device_type, dtype=cfg.amp or torch.bfloat16, enabled=cfg.amp is not None
-    )
-    arch = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, sar=cfg.sar, scale=cfg.scale,
-                dropout=cfg.dropout, embed_dropout=cfg.embed_dropout)  # fmt: skip
-    keys = inp["keys"]  # (N, phase, 2)
-    adam = inp["adam"]  # (N, 5): actor (-step, bc2), critic (-step, bc2), weight decay
-
-    # ---- critic targets from the EMA actor and the target critic (no gradients)
-    with torch.no_grad(), amp:
+    with torch.no_grad(), _amp(cfg):
         R = cfg.repeats
         src = batch
         if R > 1:
@@ -563,10 +558,10 @@ def packed_step(
             rtg = src.rtg.clone()
             rtg[:, :, K - 1, 0] += 0.1 * noise.repeat(1, B)
             src = src._replace(rtg=rtg)
-        ema_keys = keys[:, 0] if cfg.ema_dropout else None
+        ema_keys = inp["keys"][:, 0] if cfg.ema_dropout else None
         next_actions = PF.actor_forward(
             st["ema_actor"], src.states, src.actions, src.rewards, src.rtg[:, :, :-1],
-            src.timesteps, src.mask, keys=ema_keys, **arch,
+            src.timesteps, src.mask, keys=ema_keys, **_arch(cfg),
         )[1]  # fmt: skip
         if cfg.k_rewards:
             tq1, tq2 = PF.critic_forward(
@@ -583,55 +578,105 @@ def packed_step(
             k_rewards=cfg.k_rewards, use_discount=cfg.use_discount,
         )  # fmt: skip
         target_q, rewards = torch.vmap(targets)(batch, q_next)
+    return target_q, rewards
 
-    def critic_objective(cp):
-        with amp:
-            q1, q2 = PF.critic_forward(cp, batch.states, batch.actions)
-        loss = torch.vmap(losses.critic_loss)(q1.float(), q2.float(), target_q, batch.mask)
-        return loss.sum(), loss
 
-    c_grads, (_, c_loss) = torch.func.grad_and_value(critic_objective, has_aux=True)(st["critic"])
-    c_norm, ok_c = _clip_and_adam(
-        st["critic"], c_grads, st["critic_exp_avg"], st["critic_exp_avg_sq"], c_loss, active,
-        inp["max_norm"], adam[:, 2], adam[:, 3], None,
-    )  # fmt: skip
+def _critic_loss(cp, batch, target_q, *, cfg: _Config):
+    """Per-member critic losses (N,)."""
+    with _amp(cfg):
+        q1, q2 = PF.critic_forward(cp, batch.states, batch.actions)
+    return torch.vmap(losses.critic_loss)(q1.float(), q2.float(), target_q, batch.mask)
 
-    # ---- actor: behaviour cloning plus the normalised Q term (the critic frozen)
-    critic = {k: v.detach() for k, v in st["critic"].items()}
-    coin = inp["coin"]
 
-    def actor_objective(ap):
-        with amp:
-            state_preds, action_preds, reward_preds = PF.actor_forward(
-                ap, batch.states, batch.actions, rewards, batch.rtg[:, :, :-1],
-                batch.timesteps, batch.mask, keys=keys[:, 1], **arch,
-            )  # fmt: skip
-            q1, q2 = PF.critic_forward(critic, batch.states, action_preds)
-        state_preds, action_preds = state_preds.float(), action_preds.float()
-        q1, q2 = q1.float(), q2.float()
-        if cfg.sar:
-            bc = torch.vmap(functools.partial(losses.bc_loss, scale=cfg.scale))(
-                action_preds, batch.actions, state_preds, batch.states, batch.mask,
-                reward_preds.float(), rewards,
-            )  # fmt: skip
-        else:
-            bc = torch.vmap(losses.bc_loss)(
-                action_preds, batch.actions, state_preds, batch.states, batch.mask
-            )
-        c = coin.view(N, 1, 1, 1)
-        num, den = torch.where(c, q1, q2), torch.where(c, q2, q1)
-        q = torch.vmap(functools.partial(losses.q_loss, use_q1=True))(num, den, batch.mask)
-        loss = eta2 * bc + eta * q
-        return loss.sum(), (loss, bc, q)
+def _actor_loss(ap, critic, batch, rewards, keys, coin, eta2, eta, *, cfg: _Config):
+    """Per-member actor losses (N,), with their BC and Q terms: the critic frozen."""
+    N = batch.mask.shape[0]
+    with _amp(cfg):
+        state_preds, action_preds, reward_preds = PF.actor_forward(
+            ap, batch.states, batch.actions, rewards, batch.rtg[:, :, :-1],
+            batch.timesteps, batch.mask, keys=keys, **_arch(cfg),
+        )  # fmt: skip
+        q1, q2 = PF.critic_forward(critic, batch.states, action_preds)
+    state_preds, action_preds = state_preds.float(), action_preds.float()
+    q1, q2 = q1.float(), q2.float()
+    bc_loss = functools.partial(losses.bc_loss, scale=cfg.scale, next_state=cfg.next_state)
+    if cfg.sar:
+        bc = torch.vmap(bc_loss)(
+            action_preds, batch.actions, state_preds, batch.states, batch.mask,
+            reward_preds.float(), rewards,
+        )  # fmt: skip
+    else:
+        bc = torch.vmap(bc_loss)(action_preds, batch.actions, state_preds, batch.states, batch.mask)
+    c = coin.view(N, 1, 1, 1)
+    num, den = torch.where(c, q1, q2), torch.where(c, q2, q1)
+    q = torch.vmap(functools.partial(losses.q_loss, use_q1=True))(num, den, batch.mask)
+    return eta2 * bc + eta * q, bc, q
 
-    a_grads, (_, (a_loss, bc, q)) = torch.func.grad_and_value(actor_objective, has_aux=True)(
-        st["actor"]
+
+def _amp(cfg: _Config):
+    return torch.autocast(
+        cfg.device_type, dtype=cfg.amp or torch.bfloat16, enabled=cfg.amp is not None
     )
-    a_norm, ok_a = _clip_and_adam(
-        st["actor"], a_grads, st["actor_exp_avg"], st["actor_exp_avg_sq"], a_loss, ok_c,
-        inp["max_norm"], adam[:, 0], adam[:, 1], adam[:, 4],
-    )  # fmt: skip
-    metrics = torch.stack(
-        [c_loss, bc, q, a_loss, _per_member_mean(target_q), a_norm, c_norm], dim=1
-    ).detach()
-    return metrics, torch.stack([ok_c, ok_a])
+
+
+def _arch(cfg: _Config) -> dict:
+    return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, sar=cfg.sar, scale=cfg.scale,
+                dropout=cfg.dropout, embed_dropout=cfg.embed_dropout)  # fmt: skip
+
+
+class PackedStep:
+    """QTModule's training step for N members, updating the state in place.
+
+    Four pure pieces, each compiled on its own when `compile` (forward and backward of the
+    losses through AOTAutograd, the clipped Adam update as one fused kernel set): the targets,
+    the critic loss, the actor loss, the update. Gradients come from torch.autograd.grad of the
+    summed per-member losses (a member's gradient is its own loss's: no term couples members).
+    """
+
+    def __init__(self, cfg: _Config, compile: bool) -> None:
+        self.cfg = cfg
+        parts = {
+            "targets": functools.partial(_targets, cfg=cfg),
+            "critic_loss": functools.partial(_critic_loss, cfg=cfg),
+            "actor_loss": functools.partial(_actor_loss, cfg=cfg),
+            "critic_update": _clip_and_adam,
+            "actor_update": functools.partial(_clip_and_adam, idle=cfg.idle),
+        }
+        if compile:
+            mode = compile_mode(cfg.device_type)
+            parts = {
+                name: torch.compile(fn, dynamic=False, mode=mode) for name, fn in parts.items()
+            }
+        self.parts = parts
+
+    def __call__(self, st, batch, inp, eta2, eta, active):
+        """Returns the metrics (N, len(METRICS)) and (critic ok, actor ok) (2, N): whether each
+        member's half-steps were finite (and active), and so applied."""
+        P = self.parts
+        adam = inp["adam"]  # (N, 5): actor (-step, bc2), critic (-step, bc2), weight decay
+        target_q, rewards = P["targets"](st, batch, inp)
+
+        cp = {k: v.detach().requires_grad_() for k, v in st["critic"].items()}
+        c_loss = P["critic_loss"](cp, batch, target_q)
+        c_grads = dict(zip(cp, torch.autograd.grad(c_loss.sum(), list(cp.values()))))
+        c_norm, ok_c = P["critic_update"](
+            st["critic"], c_grads, st["critic_exp_avg"], st["critic_exp_avg_sq"],
+            c_loss.detach(), active, inp["max_norm"], adam[:, 2], adam[:, 3], None,
+        )  # fmt: skip
+
+        ap = {k: v.detach().requires_grad_() for k, v in st["actor"].items()}
+        critic = {k: v.detach() for k, v in st["critic"].items()}
+        a_loss, bc, q = P["actor_loss"](
+            ap, critic, batch, rewards, inp["keys"][:, 1], inp["coin"], eta2, eta
+        )
+        wanted = [k for k in ap if k not in self.cfg.idle]
+        grads = torch.autograd.grad(a_loss.sum(), [ap[k] for k in wanted])
+        a_grads = dict(zip(wanted, grads))  # the idle ones are skipped by the update
+        a_norm, ok_a = P["actor_update"](
+            st["actor"], a_grads, st["actor_exp_avg"], st["actor_exp_avg_sq"],
+            a_loss.detach(), ok_c, inp["max_norm"], adam[:, 0], adam[:, 1], adam[:, 4],
+        )  # fmt: skip
+        metrics = torch.stack(
+            [c_loss, bc, q, a_loss, _per_member_mean(target_q), a_norm, c_norm], dim=1
+        ).detach()
+        return metrics, torch.stack([ok_c, ok_a])
