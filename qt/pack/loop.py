@@ -27,6 +27,11 @@ MEMBER_SETTINGS = ("eta", "eta2", "lambda_", "learning_rate", "critic_lr", "weig
                    "grad_norm", "lr_min", "rtg_no_q", "infer_no_q")  # fmt: skip
 
 
+# QTModule options a pack does not implement (the Decision Transformer's recipe), at the values
+# it does: such fits run alone.
+QT_RECIPE = {"train_critic": True, "optimizer": "adam", "warmup_steps": 0}
+
+
 def member_hparams(hparams: dict, member: dict) -> dict:
     """QTModule's arguments of one member: the shared ones with the member's settings."""
     unknown = sorted(set(member) - {"seed", *MEMBER_SETTINGS})
@@ -56,6 +61,13 @@ class LoopPackedQTModule(L.LightningModule):
         super().__init__()
         if not members:
             raise UserError("a pack needs at least one member.")
+        unpackable = {k: hparams[k] for k, ok in QT_RECIPE.items()
+                      if k in hparams and hparams[k] != ok}  # fmt: skip
+        if unpackable:  # as the batched module: the packed step is QT's
+            raise UserError(
+                f"a pack got {unpackable}: a pack trains QT's recipe "
+                f"({', '.join(f'{k}={v!r}' for k, v in QT_RECIPE.items())}); fit these alone."
+            )
         self.save_hyperparameters()
         self.automatic_optimization = False
         self._members = [dict(m) for m in members]
@@ -200,4 +212,4 @@ def _sync_host(fit: QTModule) -> None:
     fit._steps, fit._seed = int(fit.train_steps), int(fit.rng_seed)
 
 
-__all__ = ["MEMBER_SETTINGS", "LoopPackedQTModule", "member_hparams"]
+__all__ = ["MEMBER_SETTINGS", "QT_RECIPE", "LoopPackedQTModule", "member_hparams"]

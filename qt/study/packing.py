@@ -3,7 +3,8 @@
 Jobs are compatible when their fits differ only in the seed and the scalar settings a pack
 member may have of its own (`qt.pack.loop.MEMBER_SETTINGS`): the same task, the same
 architecture, data and schedule. Compatible jobs still to fit are cut, in the runner's order,
-into packs of at most `pack_size(...)` members, as even as possible. A pack is named by its
+into packs of at most `pack_size(...)` members, as even as possible; fits of another recipe
+than QT's (`model.train_critic: false`, AdamW, a warm-up: the Decision Transformer) run alone. A pack is named by its
 members' job keys (`<save_dir>/<experiment id>/packs/<id>/`); an interrupted pack whose
 last.ckpt is there is formed again with the same members and resumed from it. Jobs that only
 need their test, and interrupted fits that ran alone, run alone as before.
@@ -21,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qt.pack.loop import MEMBER_SETTINGS
+from qt.pack.loop import MEMBER_SETTINGS, QT_RECIPE
 
 _MEMBER_FLAGS = {f"--model.{k}" for k in MEMBER_SETTINGS}
 
@@ -129,7 +130,11 @@ def plan(todo: list, specs: list[dict], pack: bool, limit: int | None, config_of
         job = todo[i].job
         fresh.setdefault((job.task, compatibility(job.fit_args)), []).append(i)
     for indices in fresh.values():
-        size = pack_size(config_of(todo[indices[0]].job), limit)
+        config = config_of(todo[indices[0]].job)
+        if any(getattr(config.model, k, ok) != ok for k, ok in QT_RECIPE.items()):
+            alone.extend(indices)  # the Decision Transformer's recipe: not a packed step
+            continue
+        size = pack_size(config, limit)
         n = math.ceil(len(indices) / size)
         cut = [len(indices) * k // n for k in range(n + 1)]  # n packs, as even as possible
         for a, b in zip(cut, cut[1:]):

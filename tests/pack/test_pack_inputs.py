@@ -37,3 +37,12 @@ def test_a_member_with_a_setting_of_the_architecture_is_refused():
     pack = LoopPackedQTModule([{"seed": 0}, {"seed": 1, "eta": 0.0}], **shared)
     assert pack.n_members == 2 and pack.member_module(1).hparams.eta == 0.0
     assert pack.seeds == [0, 1] and int(pack.member_module(1).rng_seed) == 1
+
+
+def test_the_decision_transformer_recipe_is_not_packed():
+    shared = dict(state_dim=3, act_dim=2, K=4, hidden_size=8, n_layer=1, n_head=2, eta=0.0,
+                  rtg_no_q=True, infer_no_q=True)  # fmt: skip
+    with pytest.raises(UserError, match="train_critic"):
+        LoopPackedQTModule([{"seed": 0}], train_critic=False, **shared)
+    with pytest.raises(UserError, match="warmup_steps"):
+        LoopPackedQTModule([{"seed": 0}], warmup_steps=10, lr_decay=False, **shared)
