@@ -71,6 +71,15 @@ class Member:
         )  # fmt: skip
 
 
+def log_epoch_end(trainer: L.Trainer, m: Member, metrics: dict[str, float]) -> None:
+    """Member m's end-of-iteration metrics, written to its run now, before any checkpoint of
+    the iteration (a pack killed after its last.ckpt has logged them), at the step and in the
+    float32 a fit's Lightning logs them at (the iteration's last step index)."""
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped - 1
+    values = {k: float(torch.tensor(v, dtype=torch.float32)) for k, v in metrics.items()}
+    m.logger.log_metrics(values, step=step)
+
+
 def prefix(i: int) -> str:
     """The metric prefix that routes a metric to member i's run (`qt.pack.logger`)."""
     return f"m{i}/"
@@ -135,8 +144,7 @@ class PackedMembers(L.Callback):
             )
             if metrics is not None:
                 m.score = metrics["eval/normalized_score"]
-                pl_module.log_dict({prefix(m.index) + k: v for k, v in metrics.items()},
-                                   on_epoch=True, sync_dist=False)  # fmt: skip
+                log_epoch_end(trainer, m, metrics)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         for m in self.members:
@@ -190,8 +198,8 @@ class PackedCheckpoints(Checkpoint):
         for m in self.members:
             if m.stopped:
                 continue
-            pl_module.log(prefix(m.index) + "train/eta2", pl_module.member_eta2(m.index),
-                          on_epoch=True)  # fmt: skip
+            log_epoch_end(trainer, m, {"train/eta2": pl_module.member_eta2(m.index),
+                                       "epoch": trainer.current_epoch})  # fmt: skip
             stop = self._early_stop(trainer, m)
             self._save_member(trainer, pl_module, m)
             if stop:
@@ -241,8 +249,7 @@ class PackedCheckpoints(Checkpoint):
                 or (current > best if cb.mode == "max" else current < best)
                 or (math.isnan(float(best)) and not math.isnan(m.score))
             )
-            if not better:
-                cb.current_score = current
+            if not better:  # Lightning's keeps its current_score from its last save
                 continue
             path = cb.format_checkpoint_name({"epoch": epoch, "step": 0, cb.monitor: current})
             old = cb.best_model_path
