@@ -165,6 +165,8 @@ class PackedMembers(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         for m, saved in zip(self.members, state_dict["members"]):
             m.stopped, m.score = saved["stopped"], saved["score"]
+            for cb in m.of(ModelCheckpoint):  # in its folder, or it forgets its best score
+                cb.dirpath = str(m.ckpt_dir)
             for cb in m.callbacks:
                 if cb.state_key in saved["callbacks"]:
                     cb.load_state_dict(saved["callbacks"][cb.state_key])

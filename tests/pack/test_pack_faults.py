@@ -105,6 +105,13 @@ def test_a_pack_stopped_by_sigterm_resumes_where_it_was(data, tmp_path):
         assert int(b["train_steps"]) == 30
         for key in a:
             assert torch.equal(a[key], b[key]), key
+    # each member's best checkpoint is the uninterrupted one's (its best score survived)
+    for m_a, m_b in zip(whole.members, resumed.members):
+        [best_a] = m_a.ckpt_dir.glob("best-*.ckpt")
+        [best_b] = m_b.ckpt_dir.glob("best-*.ckpt")
+        assert best_a.name == best_b.name
+        a, b = load_checkpoint(best_a)["state_dict"], load_checkpoint(best_b)["state_dict"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
     # each member went on in its own MLflow run, whose evaluations are the uninterrupted ones
     for m_a, m_b in zip(whole.members, resumed.members):
         client = mlflow.MlflowClient(m_b.logger._tracking_uri)
