@@ -4,6 +4,15 @@
   flushed to disk and renamed over it, so a crash while writing leaves the previous file whole.
   Loading is `weights_only` (plain tensors and containers; no code is unpickled) and a file
   that cannot be read (truncated, not a checkpoint) stops with one sentence naming it.
+- Checksums: every checkpoint written here carries a SHA-256 of each of its top-level entries
+  (`state_dict`, `optimizer_states`, ...) under `qt_checksums`, computed from the values
+  themselves (each tensor's dtype, shape and bytes), and every load recomputes them. torch's zip
+  reader does not check its CRCs, so a few bytes changed inside a tensor would otherwise load
+  without a word and train on; here they stop with one sentence naming the entry. A file
+  without checksums (written before them, or by plain `torch.save`) loads as before.
+- Finite weights: no checkpoint whose model or optimiser state holds a NaN or an infinity is
+  written or read (a diverged fit stops instead of overwriting `last.ckpt` with it). The
+  callbacks' states may hold infinities legitimately (a best score not yet set is -inf).
 
 `qt.callbacks.sigterm.SaveOnSigterm` writes `last.ckpt` through this IO when a fit is stopped by
 SIGTERM.
@@ -11,6 +20,8 @@ SIGTERM.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import pickle
 import tempfile
@@ -43,13 +54,119 @@ def best_checkpoint(folder: str | os.PathLike) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+CHECKSUMS_KEY = "qt_checksums"
+# the entries whose tensors must be finite: the weights and the optimisers' moments
+FINITE_ENTRIES = ("state_dict", "optimizer_states")
+
+
+def _digest(value: Any, h: Any) -> None:
+    """Feed a canonical encoding of `value` (a checkpoint entry) into the hash `h`.
+
+    The encoding is of the values, not of the file, so the same entry hashes the same after a
+    save and a `weights_only` load: tensors by dtype, shape and bytes, containers item by item,
+    plain scalars by type and repr.
+    """
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}".encode())
+        for key, item in value.items():
+            _digest(key, h)
+            _digest(item, h)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{len(value)}".encode())
+        for item in value:
+            _digest(item, h)
+    elif isinstance(value, (bytes, bytearray)):
+        h.update(b"B%d:" % len(value) + bytes(value))
+    else:
+        text = repr(value).encode()
+        h.update(f"S{type(value).__name__}{len(text)}:".encode() + text)
+
+
+def checksums(checkpoint: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of each top-level entry of `checkpoint` (the checksums key itself left out)."""
+    out = {}
+    for key, value in checkpoint.items():
+        if key == CHECKSUMS_KEY:
+            continue
+        h = hashlib.sha256()
+        _digest(value, h)
+        out[str(key)] = h.hexdigest()
+    return out
+
+
+def _first_non_finite(value: Any, where: str) -> str | None:
+    """The path of the first floating tensor (or float) in `value` holding a NaN or infinity."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            if not bool(torch.isfinite(value.detach()).all()):
+                return where
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _first_non_finite(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def non_finite(checkpoint: dict[str, Any]) -> str | None:
+    """Where the checkpoint's weights or optimiser state first hold a NaN or infinity, or None."""
+    for entry in FINITE_ENTRIES:
+        if entry in checkpoint:
+            found = _first_non_finite(checkpoint[entry], entry)
+            if found is not None:
+                return found
+    return None
+
+
+def verify(checkpoint: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """Check a loaded checkpoint's checksums and finiteness; return it without the checksums."""
+    expected = checkpoint.pop(CHECKSUMS_KEY, None) if isinstance(checkpoint, dict) else None
+    if expected is not None:
+        found = checksums(checkpoint)
+        changed = [k for k in expected if found.get(k) != expected[k]]
+        changed += [k for k in found if k not in expected]
+        if changed:
+            raise CheckpointError(
+                f"Checkpoint {path} is corrupt: its {', '.join(changed)} "
+                f"{'differs' if len(changed) == 1 else 'differ'} from the checksum written "
+                "with it; resume from an earlier checkpoint."
+            )
+    if isinstance(checkpoint, dict):
+        bad = non_finite(checkpoint)
+        if bad is not None:
+            raise CheckpointError(
+                f"Checkpoint {path} holds a NaN or infinity in {bad}: expected finite weights "
+                "(the fit that wrote it had diverged); resume from an earlier checkpoint."
+            )
+    return checkpoint
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write-then-rename checkpoints; `weights_only` loading with a clear error."""
+    """Write-then-rename checkpoints with checksums; checked `weights_only` loading."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
         path = Path(path)
+        bad = non_finite(checkpoint)
+        if bad is not None:  # the previous file stays; the fit stops with one sentence
+            raise CheckpointError(
+                f"Not writing checkpoint {path}: {bad} holds a NaN or infinity (the fit has "
+                "diverged); the previous checkpoint is kept."
+            )
+        checkpoint = {**checkpoint, CHECKSUMS_KEY: checksums(checkpoint)}
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         tmp = Path(tmp_name)
@@ -83,12 +200,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def load_checkpoint(
     path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool | None = None
 ) -> dict[str, Any]:
-    """torch.load with `weights_only=True` unless told otherwise, and a one-sentence error."""
+    """torch.load with `weights_only=True` unless told otherwise, checksums and finiteness
+    verified (`verify`), and a one-sentence error for any file that fails."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist: expected a .ckpt file there.")
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only is not False)
+        loaded = torch.load(path, map_location=map_location, weights_only=weights_only is not False)
     except (
         OSError,
         RuntimeError,
@@ -107,6 +225,12 @@ def load_checkpoint(
             f"Checkpoint {path} cannot be read ({why}): it is truncated, corrupt or not "
             "a checkpoint; resume from an earlier one."
         ) from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(
+            f"Checkpoint {path} holds a {type(loaded).__name__}, not a checkpoint's dictionary: "
+            "expected a .ckpt file written by `cli.py fit`."
+        )
+    return verify(loaded, path)
 
 
 __all__ = [
@@ -115,5 +239,8 @@ __all__ = [
     "CheckpointError",
     "best_checkpoint",
     "checkpoint_dir",
+    "checksums",
     "load_checkpoint",
+    "non_finite",
+    "verify",
 ]

@@ -29,7 +29,7 @@ from qt.errors import UserError, report
 from qt.module import QTModule
 from qt.runtime import keep_freed_memory
 from qt.tasks import get_task
-from qt.tracking import resume_checkpoint, run_tags, variant_label
+from qt.tracking import legacy_identities, resume_checkpoint, run_tags, variant_label
 
 # package data, so that it is found wherever qt is installed and from any working directory
 BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "base.yaml"
@@ -130,13 +130,16 @@ class QTCLI(LightningCLI):
         init_args["tags"] = run_tags(task, seed, model, init_args.get("tags"))
         ckpt = config.get("ckpt_path")
         if self.subcommand == "fit" and isinstance(ckpt, str) and _is_run_ref(ckpt):
-            config["ckpt_path"] = resume_checkpoint(init_args, ckpt, named)
+            earlier = legacy_identities(task, seed, model)
+            config["ckpt_path"] = resume_checkpoint(init_args, ckpt, named, earlier)
             _check_checkpoint(config["ckpt_path"], config, self.subcommand)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here, with torch.load: check the
         # file first (readable, a qt model of this task), so a bad one stops in one sentence.
         sub = self.config.get("subcommand")
+        if sub == "fit":
+            _check_limits(self.config[sub])
         if sub:
             ckpt = self.config[sub].get("ckpt_path")
             if isinstance(ckpt, str) and not _is_run_ref(ckpt) and ckpt not in LIGHTNING_CKPT:
@@ -174,6 +177,55 @@ def _as_dict(tree) -> dict:
 LIGHTNING_CKPT = ("best", "last", "hpc", "registry")  # names Lightning resolves itself
 
 
+class NothingToTrain(Exception):
+    """A fit asked to resume a checkpoint that has already trained all it was asked to."""
+
+
+def _trained(ckpt: dict) -> tuple[int, int]:
+    """(iterations whose training is done, optimizer steps) of a checkpoint; a checkpoint
+    written mid-iteration (SIGTERM) counts only the iterations before it."""
+    progress = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    done = progress.get("current", {}).get("processed")
+    if done is None:  # a checkpoint without loop state: written at an iteration's end
+        done = int(ckpt.get("epoch", -1)) + 1
+    return int(done), int(ckpt.get("global_step", 0))
+
+
+def _room_left(path: str, ckpt: dict, config) -> None:
+    """Raise NothingToTrain when `ckpt` has trained trainer.max_epochs iterations (or
+    trainer.max_steps steps) already: a resume would train nothing and only rewrite its run."""
+    trainer = config.get("trainer") or {}
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    done, steps = _trained(ckpt)
+    if max_epochs is not None and max_epochs >= 0 and done >= max_epochs:
+        limit = f"trainer.max_epochs is {max_epochs}"
+    elif max_steps is not None and max_steps > 0 and steps >= max_steps:
+        limit = f"trainer.max_steps is {max_steps}"
+    else:
+        return
+    raise NothingToTrain(
+        f"Nothing to train: {path} has trained {done} iterations ({steps} optimizer steps) and "
+        f"{limit}; the run is left as it is. To train on, raise --trainer.max_epochs."
+    )
+
+
+def _check_limits(config) -> None:
+    """Trainer limits that would start a run and train nothing, or that Lightning rejects with
+    a traceback: one sentence before anything is created."""
+    trainer = config.get("trainer") or {}
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    if max_epochs is not None and max_epochs != -1 and max_epochs < 1:
+        raise UserError(
+            f"--trainer.max_epochs {max_epochs}: expected a number of iterations >= 1 "
+            "(or -1 for no limit); a fit of 0 iterations would leave an empty run."
+        )
+    if max_steps is not None and max_steps != -1 and max_steps < 1:
+        raise UserError(
+            f"--trainer.max_steps {max_steps}: expected a number of optimizer steps >= 1, "
+            "or -1 for no limit."
+        )
+
+
 def _check_checkpoint(path: str, config, subcommand: str) -> None:
     """Stop with one sentence naming `path` unless it is a readable qt checkpoint whose model
     has the task's state and action sizes (and, to resume a fit, was trained on the task)."""
@@ -197,6 +249,8 @@ def _check_checkpoint(path: str, config, subcommand: str) -> None:
             f"Checkpoint {path} was trained on task {trained_on!r}, but data.task is "
             f"{task.name!r}: expected a checkpoint of the same task to resume."
         )
+    if subcommand == "fit":
+        _room_left(path, ckpt, config)
 
 
 def _is_run_ref(ckpt: str) -> bool:
@@ -232,6 +286,9 @@ def run(args: list[str] | None = None) -> int:
     """`qt fit|validate|test ...`: the exit status; a user's bad input is one line, status 2."""
     try:
         main(args)
+    except NothingToTrain as done:  # a finished run resumed: said, and left as it is
+        print(done, file=sys.stderr)
+        return 0
     except SIGTERMException:  # the checkpoint is written (qt.callbacks.sigterm.SaveOnSigterm)
         print("Stopped by SIGTERM; resume with --ckpt_path last.", file=sys.stderr)
         return 143

@@ -203,6 +203,7 @@ def bc_loss(
     reward_preds: torch.Tensor | None = None,
     rewards: torch.Tensor | None = None,
     scale: float = 1.0,
+    next_state: bool = True,
 ) -> torch.Tensor:
     """Behaviour cloning loss with the next-state (and, with `sar`, reward) terms.
 
@@ -210,13 +211,17 @@ def bc_loss(
       + MSE(state_preds[:, :K-1], states[:, 1:]) over mask[:, :K-1] (mean over positions x S)
       + MSE(reward_preds, rewards / scale) over valid positions   (only when reward_preds given)
 
+    `next_state=False` leaves the next-state term out: the Decision Transformer's loss, the
+    action term alone (docs/baselines.md); `state_preds` then receives no gradient.
+
     With k_rewards and use_discount, pass the rewards returned by `k_step_targets`
     (rewards[:, K-1] = 0), as the reference does.
     Shapes: action_preds, actions (B, K, A); state_preds, states (B, K, S);
     reward_preds, rewards (B, K, 1); mask (B, K).
     """
     loss = masked_mean((action_preds - actions) ** 2, mask)
-    loss = loss + masked_mean((state_preds[:, :-1] - states[:, 1:]) ** 2, mask[:, :-1])
+    if next_state:
+        loss = loss + masked_mean((state_preds[:, :-1] - states[:, 1:]) ** 2, mask[:, :-1])
     if reward_preds is not None:
         if rewards is None:
             raise ValueError("bc_loss got reward_preds but no rewards to compare them with.")

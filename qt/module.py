@@ -1,7 +1,9 @@
 """QTModule: the actor, the twin critic, their target copies, the losses and the optimisers.
 
 One training step is a critic update followed by an actor update (docs/algorithm.md §3), written with
-Lightning's manual optimisation. The target networks are moved by the `TargetNetworks`
+Lightning's manual optimisation. Options turn the same module into the Decision Transformer as its
+authors trained it (docs/baselines.md): no critic step, the action loss alone, AdamW with a
+linear warm-up. The target networks are moved by the `TargetNetworks`
 callback after each step; environments never appear here (see `qt.callbacks.evaluation`).
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Literal
 
 import lightning as L
 import torch
@@ -34,12 +37,23 @@ class QTModule(L.LightningModule):
         embed_dropout: dropout on the actor's token embeddings; the reference's GPT-2 keeps
             its default 0.1 whatever `dropout` is.
         sar: tokens (s, a, r) instead of (R, s, a), with a reward head.
-        learning_rate, weight_decay: the actor's Adam. critic_lr: the critic's Adam (no decay).
+        learning_rate, weight_decay: the actor's optimiser. critic_lr: the critic's Adam (no
+            decay).
+        optimizer: the actor's optimiser: `adam` (QT's: weight decay added to the gradient) or
+            `adamw` (the Decision Transformer's: decoupled weight decay).
         lr_decay, lr_min, max_iters: cosine annealing of both learning rates, stepped once per
             iteration (epoch) with T_max = max_iters.
+        warmup_steps: when > 0, both learning rates rise linearly over this many training steps,
+            factor min((n + 1) / warmup_steps, 1) in step n + 1, then stay (the Decision
+            Transformer's schedule); needs lr_decay false.
         eta: weight of the Q term; eta2: weight of the BC term, divided by `lambda_` after
             every iteration.
         grad_norm: clip both networks' gradient norms to this when > 0.
+        next_state_loss: the actor also learns to predict the next state (QT); false leaves the
+            action loss alone (the Decision Transformer's).
+        train_critic: train the twin critic (QT). False skips the critic step, the target
+            networks and the Q term (the Decision Transformer learns no critic): it needs eta 0
+            and acting without Q (rtg_no_q, infer_no_q), since the critic stays as initialised.
         discount: gamma of the critic's targets.
         k_rewards, use_discount, max_q_backup: the critic-target variant (docs/algorithm.md §3.1).
         ema_dropout: keep the EMA actor's dropout active when it proposes next actions, as the
@@ -83,6 +97,10 @@ class QTModule(L.LightningModule):
         rtg_no_q: bool = False,
         infer_no_q: bool = False,
         num_candidates: int = 50,
+        next_state_loss: bool = True,
+        train_critic: bool = True,
+        optimizer: Literal["adam", "adamw"] = "adam",
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__()
         _check_hparams(
@@ -102,6 +120,15 @@ class QTModule(L.LightningModule):
             lambda_=lambda_,
             discount=discount,
             num_candidates=num_candidates,
+        )
+        _check_recipe(
+            eta=eta,
+            rtg_no_q=rtg_no_q,
+            infer_no_q=infer_no_q,
+            train_critic=train_critic,
+            optimizer=optimizer,
+            warmup_steps=warmup_steps,
+            lr_decay=lr_decay,
         )
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -159,10 +186,16 @@ class QTModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         hp = self.hparams
-        actor_opt = torch.optim.Adam(
-            self.actor.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay
-        )
+        kind = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+        actor_opt = kind(self.actor.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
         critic_opt = torch.optim.Adam(self.critic.parameters(), lr=hp.critic_lr)
+        warmup = hp.warmup_steps
+        if warmup > 0:  # stepped after every training step (`_warm_up`); lr_decay is false
+            schedulers = [
+                torch.optim.lr_scheduler.LambdaLR(opt, _Warmup(warmup))
+                for opt in (actor_opt, critic_opt)
+            ]
+            return [actor_opt, critic_opt], schedulers
         if not hp.lr_decay:
             return [actor_opt, critic_opt]
         schedulers = [
@@ -173,6 +206,8 @@ class QTModule(L.LightningModule):
 
     def training_step(self, batch: Segments, batch_idx: int) -> None:
         hp = self.hparams
+        if not hp.train_critic:
+            return self._actor_only_step(batch)
         actor_opt, critic_opt = self.optimizers()
         coin_gen, noise_gen = self._step_generators()
 
@@ -198,6 +233,7 @@ class QTModule(L.LightningModule):
             reward_preds=out.reward_preds,
             rewards=rewards,
             scale=hp.scale,
+            next_state=hp.next_state_loss,
         )
         # The Q term reads the critic, which must not learn from it here: the reference
         # leaves these gradients in the critic and clears them at the next critic step.
@@ -213,6 +249,8 @@ class QTModule(L.LightningModule):
         self.manual_backward(actor_loss)
         actor_grad_norm = _clip(self.actor.parameters(), hp.grad_norm)
         actor_opt.step()
+        lrs = actor_opt.param_groups[0]["lr"], critic_opt.param_groups[0]["lr"]
+        self._warm_up()
         self._steps += 1
         self.train_steps.fill_(self._steps)
 
@@ -225,12 +263,70 @@ class QTModule(L.LightningModule):
                 "train/target_q_mean": target_q.mean(),
                 "train/actor_grad_norm": actor_grad_norm,
                 "train/critic_grad_norm": critic_grad_norm,
-                "lr/actor": actor_opt.param_groups[0]["lr"],
-                "lr/critic": critic_opt.param_groups[0]["lr"],
+                "lr/actor": lrs[0],
+                "lr/critic": lrs[1],
             },
             on_step=True,
             on_epoch=False,
         )
+
+    def _actor_only_step(self, batch: Segments) -> None:
+        """A step without a critic (train_critic false): behaviour cloning of the actor alone.
+
+        With next_state_loss false, AdamW and a warm-up this is the Decision Transformer's step
+        (docs/baselines.md). The random streams are those of a QT step (`_step_generators`), so
+        dropout draws the same masks for the same (seed, step).
+        """
+        hp = self.hparams
+        actor_opt, _ = self.optimizers()
+        self._step_generators()
+        out = self.actor(
+            batch.states,
+            batch.actions,
+            batch.rewards,
+            batch.rtg[:, :-1],
+            batch.timesteps,
+            batch.mask,
+        )
+        bc_loss = losses.bc_loss(
+            out.action_preds,
+            batch.actions,
+            out.state_preds,
+            batch.states,
+            batch.mask,
+            reward_preds=out.reward_preds,
+            rewards=batch.rewards,
+            scale=hp.scale,
+            next_state=hp.next_state_loss,
+        )
+        actor_loss = self.eta2.to(bc_loss.dtype) * bc_loss
+        actor_opt.zero_grad(set_to_none=True)
+        self.manual_backward(actor_loss)
+        actor_grad_norm = _clip(self.actor.parameters(), hp.grad_norm)
+        actor_opt.step()
+        lr = actor_opt.param_groups[0]["lr"]
+        self._warm_up(critic=False)
+        self._steps += 1
+        self.train_steps.fill_(self._steps)
+        self.log_dict(
+            {
+                "train/bc_loss": bc_loss.detach(),
+                "train/actor_loss": actor_loss.detach(),
+                "train/actor_grad_norm": actor_grad_norm,
+                "lr/actor": lr,
+            },
+            on_step=True,
+            on_epoch=False,
+        )
+
+    def _warm_up(self, critic: bool = True) -> None:
+        """Advance the warm-up schedules by one training step (when there is a warm-up); the
+        critic's only when its optimiser stepped."""
+        if self.hparams.warmup_steps > 0:
+            actor_schedule, critic_schedule = self.lr_schedulers()
+            actor_schedule.step()
+            if critic:
+                critic_schedule.step()
 
     def _step_generators(self) -> tuple[torch.Generator, torch.Generator]:
         """Random streams of this step, functions of (seed, step) only.
@@ -296,11 +392,45 @@ class QTModule(L.LightningModule):
         """Validation is acting in the environment: `qt.callbacks.evaluation` does it."""
 
 
+class _Warmup:
+    """The learning-rate factor of a linear warm-up: min((n + 1) / steps, 1) after n steps.
+
+    A class, not a lambda, so that LambdaLR's state (saved in checkpoints) holds its length.
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, n: int) -> float:
+        return min((n + 1) / self.steps, 1.0)
+
+
 def _clip(params, max_norm: float) -> torch.Tensor:
     """Clip to `max_norm` when it is > 0; always return the pre-clip total norm (no sync)."""
     params = [p for p in params if p.grad is not None]
     limit = max_norm if max_norm > 0 else math.inf
     return nn.utils.clip_grad_norm_(params, max_norm=limit, norm_type=2.0, foreach=True)
+
+
+def _check_recipe(
+    *, eta, rtg_no_q, infer_no_q, train_critic, optimizer, warmup_steps, lr_decay
+) -> None:
+    """The training-recipe options (docs/baselines.md), checked against each other."""
+    if optimizer not in ("adam", "adamw"):
+        raise UserError(f"model.optimizer={optimizer!r}: expected 'adam' or 'adamw'.")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise UserError(f"model.warmup_steps={warmup_steps!r}: expected a whole number >= 0.")
+    if warmup_steps > 0 and lr_decay:
+        raise UserError(
+            f"model.warmup_steps={warmup_steps} with model.lr_decay=true: the warm-up is for a "
+            "constant learning rate (the Decision Transformer's schedule); set lr_decay false."
+        )
+    if not train_critic and (eta != 0 or not rtg_no_q or not infer_no_q):
+        raise UserError(
+            f"model.train_critic=false with eta={eta}, rtg_no_q={rtg_no_q}, "
+            f"infer_no_q={infer_no_q}: a model without a trained critic needs eta 0, rtg_no_q "
+            "true and infer_no_q true (no Q in its loss or its acting)."
+        )
 
 
 def _check_hparams(**values) -> None:

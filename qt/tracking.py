@@ -12,6 +12,13 @@ beside the database; after that, SQLite's own locking is enough.
 
 The experiment is tagged as a model-training experiment (`qt.ui.EXPERIMENT_KIND_TAG`), so
 MLflow 3's UI opens it on its runs table.
+
+A run is written by one process at a time: the process that creates or reopens it holds an
+exclusive `flock` on `run.lock` in the run's folder (`<save_dir>/<experiment id>/<run id>/`)
+until it exits, and writes its pid and host there. A second process that would write the same
+run (two `--ckpt_path last` resumes started together) stops with one sentence naming the
+holder. The kernel releases the lock when its holder dies, even by SIGKILL, so a dead holder
+never keeps a run.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import socket
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,6 +98,53 @@ def open_experiment(client, name: str, artifact_location: str | None = None) -> 
     return exp.experiment_id
 
 
+class RunHeldError(UserError):
+    """Another live process is writing the run."""
+
+
+RUN_LOCK = "run.lock"
+_held: dict[Path, int] = {}  # lock file -> open descriptor, for the life of the process
+
+
+def run_dir(save_dir: str | os.PathLike, experiment_id: str, run_id: str) -> Path:
+    """The folder of a run's checkpoints and lock: `<save_dir>/<experiment id>/<run id>`."""
+    return Path(save_dir) / str(experiment_id) / str(run_id)
+
+
+def hold_run(folder: str | os.PathLike, run_id: str) -> None:
+    """Hold the run whose folder is `folder` for the rest of this process (see the module's
+    docstring); raise RunHeldError naming the holder when another live process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+
+    path = (Path(folder) / RUN_LOCK).resolve()
+    if path in _held:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        for _ in range(20):  # the holder writes its name just after it takes the lock
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
+            if holder:
+                break
+            time.sleep(0.05)
+        os.close(fd)
+        pid, _, host = holder.partition(" ")
+        who = f"process {pid} on {host}" if pid and host else "another process"
+        raise RunHeldError(
+            f"Run {run_id} is being written by {who} (it holds {path}): wait for that process "
+            "to end or stop it, then resume the run; two processes never write one run."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    _held[path] = fd
+
+
 class MLFlowLogger(_MLFlowLogger):
     """Lightning's MLflow logger with qt's defaults (local store, experiment `qt`)."""
 
@@ -127,6 +183,10 @@ class MLFlowLogger(_MLFlowLogger):
     def save_dir(self) -> str | None:
         return self._qt_save_dir
 
+    def _hold(self, experiment_id: str) -> None:
+        """Hold this run (`hold_run`) for as long as this process lives."""
+        hold_run(run_dir(self._qt_save_dir, experiment_id, self._run_id), self._run_id)
+
     @property
     def experiment(self):
         if self._initialized:
@@ -142,7 +202,11 @@ class MLFlowLogger(_MLFlowLogger):
                         self._mlflow_client, self._experiment_name, self._artifact_location
                     )
                 reopened = self._run_id is not None
+                if reopened:  # before anything is written to it
+                    self._hold(self._mlflow_client.get_run(self._run_id).info.experiment_id)
                 client = super().experiment
+                if not reopened:
+                    self._hold(self._experiment_id)
                 if reopened and client.get_run(self._run_id).info.status != "RUNNING":
                     # a resumed fit continues a run that its interruption ended (FAILED or
                     # KILLED): it is running again until this fit ends it
@@ -178,28 +242,56 @@ VARIANT_OPTIONS = (
     "n_layer",
     "n_head",
 )
+# Options added later, with the value every earlier run had: they enter the hash only when they
+# differ from it, so that runs made before they existed keep their variant ids.
+LATER_VARIANT_OPTIONS = {"train_critic": True, "next_state_loss": True}
+# Earlier names of a label: a run tagged `dt-<hash>` before the published Decision Transformer
+# existed is the QT-without-Q ablation now called `qt-no-q` (docs/baselines.md).
+LEGACY_LABELS = {"qt-no-q": "dt"}
 
 
 def variant_label(model: dict) -> str:
-    """`dt` for the Decision Transformer baseline (no Q term, no Q in the return-to-go targets
-    or in acting: eta 0, rtg_no_q, infer_no_q), else `qt`."""
-    dt = float(model.get("eta", 1.0)) == 0.0 and model.get("rtg_no_q") and model.get("infer_no_q")
-    return "dt" if dt else "qt"
+    """What a model is (docs/baselines.md): `dt`, the Decision Transformer as published (no
+    critic trained: `train_critic` false); `qt-no-q`, QT's trainer without Q (eta 0, and no Q in
+    the return-to-go targets or in acting: rtg_no_q, infer_no_q); else `qt`."""
+    if not model.get("train_critic", True):
+        return "dt"
+    if float(model.get("eta", 1.0)) == 0.0 and model.get("rtg_no_q") and model.get("infer_no_q"):
+        return "qt-no-q"
+    return "qt"
+
+
+def _variant_hash(model: dict) -> str:
+
+    values = {k: model.get(k) for k in VARIANT_OPTIONS}
+    for k, default in LATER_VARIANT_OPTIONS.items():
+        if model.get(k, default) != default:
+            values[k] = model[k]
+    for k, v in values.items():  # 1 and 1.0 are one value; bools stay bools
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            values[k] = float(v)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def variant_id(model: dict) -> str:
     """`<label>-<8 hex digits>`: the label and a hash of every option in VARIANT_OPTIONS."""
-    values = {k: model.get(k) for k in VARIANT_OPTIONS}
-    for k, v in values.items():  # 1 and 1.0 are one value; bools stay bools
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            values[k] = float(v)
-    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{variant_label(model)}-{digest}"
+    return f"{variant_label(model)}-{_variant_hash(model)}"
+
+
+def legacy_variant_ids(model: dict) -> list[str]:
+    """The ids the same model had under the labels' earlier names (`dt-<hash>` for `qt-no-q`)."""
+    old = LEGACY_LABELS.get(variant_label(model))
+    return [] if old is None else [f"{old}-{_variant_hash(model)}"]
 
 
 def run_identity(task: str, seed: object, model: dict) -> str:
     """What makes two fits the same configuration: `<task>/<variant id>/seed<seed>`."""
     return f"{task}/{variant_id(model)}/seed{seed}"
+
+
+def legacy_identities(task: str, seed: object, model: dict) -> list[str]:
+    """Identities of the same configuration as runs made before a label was renamed carry."""
+    return [f"{task}/{old}/seed{seed}" for old in legacy_variant_ids(model)]
 
 
 IDENTITY_TAG = "qt.identity"
@@ -216,12 +308,13 @@ def run_tags(task: str, seed: object, model: dict, user_tags: dict | None = None
 
 
 # ---------------------------------------------------------------------------- resuming
-def resume_checkpoint(init_args, ckpt: str, named: bool) -> str:
+def resume_checkpoint(init_args, ckpt: str, named: bool, earlier: Sequence[str] = ()) -> str:
     """`--ckpt_path last` or `run:<run_id>`: the last.ckpt of an earlier MLflow run to continue.
 
     `last` is the newest run of the same configuration (task, variant, seed: the
     `qt.identity` tag; and the same run name when the config names the run) that left a
-    last.ckpt; `run:<run_id>` is that run, which must be of the same configuration. Its run
+    last.ckpt; `run:<run_id>` is that run, which must be of the same configuration (`earlier`:
+    the identities this configuration had under a variant's earlier name). Its run
     id goes to the logger, so the resumed fit logs into the same MLflow run and
     ModelCheckpoint keeps writing to the same folder (`<save_dir>/<experiment>/<run>/`).
     """
@@ -245,8 +338,16 @@ def resume_checkpoint(init_args, ckpt: str, named: bool) -> str:
                 f"--ckpt_path {ckpt}: no run {run_id!r} in {uri}: expected the id of an "
                 "earlier fit's MLflow run (the runs table of `make ui`, or the fit's last lines)."
             ) from None
+        if exp is None or run.info.experiment_id != exp.experiment_id:
+            theirs_exp = client.get_experiment(run.info.experiment_id).name
+            raise UserError(
+                f"--ckpt_path {ckpt}: that run is in experiment {theirs_exp!r}, but this fit "
+                f"logs to experiment {experiment!r} (trainer.logger.init_args.experiment_name): "
+                f"expected a run of the same experiment (set experiment_name {theirs_exp} to "
+                "resume it there)."
+            )
         theirs = run.data.tags.get(IDENTITY_TAG)
-        if theirs != identity:
+        if theirs != identity and theirs not in earlier:
             raise UserError(
                 f"--ckpt_path {ckpt}: that run is {theirs or 'not a qt fit'}, this config "
                 f"is {identity}: expected a run of the same task, variant and seed."
@@ -256,24 +357,29 @@ def resume_checkpoint(init_args, ckpt: str, named: bool) -> str:
                 f"--ckpt_path {ckpt}: the run left no {last_of(run)}: expected the "
                 "last.ckpt of a fit that ran at least one iteration."
             )
+        hold_run(last_of(run).parents[1], run.info.run_id)  # one writer per run
         init_args["run_id"] = run.info.run_id
         return str(last_of(run))
 
-    query = f"tags.`{IDENTITY_TAG}` = '{identity}'"
-    if named:
-        query += f" and tags.mlflow.runName = '{name}'"
-    runs = (
-        []
-        if exp is None
-        else client.search_runs(
-            [exp.experiment_id],
-            filter_string=query,
-            order_by=["attributes.start_time DESC"],
-            max_results=50,
+    runs = []
+    for each in (identity, *earlier):
+        query = f"tags.`{IDENTITY_TAG}` = '{each}'"
+        if named:
+            query += f" and tags.mlflow.runName = '{name}'"
+        runs += (
+            []
+            if exp is None
+            else client.search_runs(
+                [exp.experiment_id],
+                filter_string=query,
+                order_by=["attributes.start_time DESC"],
+                max_results=50,
+            )
         )
-    )
+    runs.sort(key=lambda run: run.info.start_time, reverse=True)
     for run in runs:
         if last_of(run).is_file():
+            hold_run(last_of(run).parents[1], run.info.run_id)  # one writer per run
             init_args["run_id"] = run.info.run_id
             return str(last_of(run))
     which = f"named {name!r} and " if named else ""

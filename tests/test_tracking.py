@@ -81,18 +81,47 @@ def test_many_processes_open_a_fresh_store_at_once_and_later_ones_still_can(tmp_
 
 # ---------------------------------------------------------------------------- run identity
 def test_variant_ids_tell_dt_from_qt_and_ignore_what_may_change_on_resume():
-    from qt.tracking import run_tags, variant_id, variant_label
+    import hashlib
+    import json
+
+    from qt.tracking import (
+        VARIANT_OPTIONS,
+        legacy_identities,
+        run_identity,
+        run_tags,
+        variant_id,
+        variant_label,
+    )  # fmt: skip
 
     qt_model = {"eta": 1.0, "rtg_no_q": False, "infer_no_q": False, "K": 20, "hidden_size": 256}
-    dt_model = dict(qt_model, eta=0.0, rtg_no_q=True, infer_no_q=True)
-    assert variant_label(qt_model) == "qt" and variant_label(dt_model) == "dt"
-    # eta 0 alone still uses Q in its targets and acting: not the DT baseline
+    no_q = dict(qt_model, eta=0.0, rtg_no_q=True, infer_no_q=True)
+    dt_model = dict(no_q, train_critic=False, next_state_loss=False)
+    assert variant_label(qt_model) == "qt" and variant_label(no_q) == "qt-no-q"
+    assert variant_label(dt_model) == "dt"
+    # eta 0 alone still uses Q in its targets and acting: not the ablation
     assert variant_label(dict(qt_model, eta=0)) == "qt"
+
+    # the hash of runs made before train_critic/next_state_loss existed is kept: the options
+    # enter it only when they differ from the value those runs had
+    def old_hash(model: dict) -> str:
+        values = {k: model.get(k) for k in VARIANT_OPTIONS}
+        values = {k: float(v) if type(v) in (int, float) else v for k, v in values.items()}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+    assert variant_id(qt_model) == f"qt-{old_hash(qt_model)}"
+    assert variant_id(dict(qt_model, train_critic=True)) == variant_id(qt_model)
+    assert variant_id(dt_model) != f"dt-{old_hash(dt_model)}"
+    assert variant_id(dict(no_q, next_state_loss=False)) != variant_id(no_q)
+    # the ablation's runs made when it was labelled `dt` are the same configuration
+    assert legacy_identities("t", 3, no_q) == [f"t/dt-{old_hash(no_q)}/seed3"]
+    assert run_identity("t", 3, no_q) == f"t/qt-no-q-{old_hash(no_q)}/seed3"
+    assert legacy_identities("t", 3, qt_model) == legacy_identities("t", 3, dt_model) == []
     assert variant_id(qt_model) != variant_id(dict(qt_model, eta=2.0))
     assert variant_id(qt_model) != variant_id(dict(qt_model, max_q_backup=True))
     assert variant_id(qt_model) == variant_id(dict(qt_model, eta=1, learning_rate=1e-3))
     tags = run_tags("hopper-medium-v2", 7, dt_model, {"study": "s1", "seed": "own"})
     assert tags["task"] == "hopper-medium-v2" and tags["variant"] == "dt"
+    assert run_tags("t", 7, no_q)["variant"] == "qt-no-q"
     assert tags["study"] == "s1" and tags["seed"] == "own"  # the user's tags win
     assert tags["qt.identity"] == f"hopper-medium-v2/{variant_id(dt_model)}/seed7"
 
@@ -139,13 +168,16 @@ def test_last_resumes_the_run_of_the_same_variant_and_leaves_the_other_untouched
         assert proc.returncode == 0, err[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("qt")
-    runs = {r.data.tags["qt.variant_id"][:2]: r for r in client.search_runs([exp.experiment_id])}
+    runs = {
+        r.data.tags["qt.variant_id"].rsplit("-", 1)[0].replace("qt-no-q", "dt"): r
+        for r in client.search_runs([exp.experiment_id])
+    }
     assert sorted(runs) == ["dt", "qt"]
     assert runs["dt"].data.tags["study"] == "s1"
     assert (
         runs["dt"].data.tags["variant"] == "dt-baseline" and runs["qt"].data.tags["variant"] == "qt"
     )
-    assert runs["dt"].info.run_name == "maze2d-umaze-v1-dt-seed123"
+    assert runs["dt"].info.run_name == "maze2d-umaze-v1-qt-no-q-seed123"
     assert runs["qt"].info.run_name == "maze2d-umaze-v1-qt-seed123"
     assert (
         runs["dt"].data.tags["task"] == "maze2d-umaze-v1" and runs["dt"].data.tags["seed"] == "123"
@@ -166,16 +198,24 @@ def test_last_resumes_the_run_of_the_same_variant_and_leaves_the_other_untouched
     # naming a run of another variant is refused before anything is touched
     done = _fit(maze_file, tmp_path, "--trainer.max_epochs", "3", "--ckpt_path", f"run:{dt_id}")
     assert done.returncode != 0
-    assert f"--ckpt_path run:{dt_id}: that run is maze2d-umaze-v1/dt-" in done.stderr
+    assert f"--ckpt_path run:{dt_id}: that run is maze2d-umaze-v1/qt-no-q-" in done.stderr
     assert "expected a run of the same task, variant and seed" in done.stderr
     assert _snapshot(client, dt_id) == dt_before
     assert len(client.search_runs([exp.experiment_id])) == 2
-    # and naming it with its own config resumes it
+    # and naming it with its own config resumes it, also when the run carries the identity of
+    # the ablation's earlier name (`dt-<hash>`, before the published DT existed)
+    legacy = runs["dt"].data.tags["qt.identity"].replace("/qt-no-q-", "/dt-")
+    client.set_tag(dt_id, "qt.identity", legacy)
     done = _fit(
         maze_file, tmp_path, *DT, "--trainer.max_epochs", "3", "--ckpt_path", f"run:{dt_id}"
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(_snapshot(client, dt_id)[4]) == 3
+    done = _fit(maze_file, tmp_path, *DT, "--trainer.max_epochs", "4", "--ckpt_path", "last")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        len(_snapshot(client, dt_id)[4]) == 4 and len(client.search_runs([exp.experiment_id])) == 2
+    )
 
 
 @pytest.mark.parametrize("ended", ["FAILED", "KILLED", "FINISHED"])

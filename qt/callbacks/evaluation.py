@@ -29,6 +29,17 @@ from qt.envs import make_env
 from qt.errors import UserError
 from qt.tasks import get_task
 
+# Episode seeds of run seed s start at s * SEED_STRIDE: apart by more than any fit's episodes
+# (100_000 per iteration), so two run seeds never share a start state.
+SEED_STRIDE = 2**32
+
+
+def run_seed(pl_module: L.LightningModule) -> int:
+    """The fit's seed: the one its module took at the start of the fit (kept in checkpoints, so
+    `cli.py test` of a checkpoint reads the fit's), else this process's (`seed_everything`)."""
+    seed = int(getattr(pl_module, "rng_seed", -1))
+    return seed if seed >= 0 else torch.initial_seed() % 2**32
+
 
 @dataclass
 class EvalSummary:
@@ -95,8 +106,11 @@ class Evaluation(L.Callback):
         test_episodes: episodes in `cli.py test` (10 by default; 100 for final numbers).
         eval_every_n_epochs: evaluate after every n-th iteration.
         num_envs: environments stepped at once per rank (default: all of the rank's episodes).
-        seed: base seed; episode i of the evaluation after iteration e uses seed
-            `seed + 100_000 * e + i`, and of a test `seed + i`.
+        seed: the base of the episode seeds; episode i of the evaluation after iteration e uses
+            seed `base + 100_000 * e + i`, and of a test `base + i`. None (the default): the
+            base follows the fit's seed s, `base = s * 2**32`, so each seed of a study plays its
+            own start states and every variant of one seed the same ones (docs/acting.md). A
+            number keeps one fixed set whatever the seed (0: what every fit played before).
         max_ep_len: cap on episode length (default: the model's `max_ep_len`).
         task: the environment's task name (default: the data module's `task`).
         record_video: after each evaluation, replay its first episode (same seed, so the
@@ -113,7 +127,7 @@ class Evaluation(L.Callback):
         test_episodes: int = 10,
         eval_every_n_epochs: int = 1,
         num_envs: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         max_ep_len: int | None = None,
         task: str | None = None,
         record_video: bool = False,
@@ -151,7 +165,8 @@ class Evaluation(L.Callback):
         epoch = trainer.current_epoch
         if (epoch + 1) % self.eval_every_n_epochs:
             return
-        seeds = [self.seed + 100_000 * epoch + i for i in range(self.num_eval_episodes)]
+        base = self.episode_base(pl_module)
+        seeds = [base + 100_000 * epoch + i for i in range(self.num_eval_episodes)]
         of = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         say(trainer, f"iteration {epoch + 1}{of}: evaluating {len(seeds)} episodes ...")
         start = time.perf_counter()
@@ -187,12 +202,19 @@ class Evaluation(L.Callback):
 
     def _final(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> None:
         """`test_episodes` episodes seeded seed, seed + 1, ...; logged and printed as a table."""
-        seeds = [self.seed + i for i in range(self.test_episodes)]
+        base = self.episode_base(pl_module)
+        seeds = [base + i for i in range(self.test_episodes)]
         summary = self.evaluate(trainer, pl_module, seeds)
         self._video(trainer, pl_module, seeds[0], prefix)
         pl_module.log_dict(summary.metrics(prefix), sync_dist=False)
         if trainer.global_rank == 0:  # the table is what `cli.py test` prints
             print(f"Evaluation of {self._task_name(trainer)}:\n{summary.table()}", flush=True)
+
+    def episode_base(self, pl_module: L.LightningModule) -> int:
+        """The first episode seed: `seed` when set, else the fit's seed times SEED_STRIDE."""
+        if self.seed is not None:
+            return self.seed
+        return SEED_STRIDE * run_seed(pl_module)
 
     # ------------------------------------------------------------------ the work
     def evaluate(

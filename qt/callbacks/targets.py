@@ -35,6 +35,7 @@ class TargetNetworks(L.Callback):
     - EMA actor: when n > step_start_ema and n % update_ema_every == 0,
       ema <- ema_decay * ema + (1 - ema_decay) * actor (first update in step 1006 by default);
     - target critic: every step, target <- tau * critic + (1 - tau) * target.
+    Neither moves for a module that trains no critic (`train_critic` false).
     """
 
     def __init__(
@@ -59,6 +60,10 @@ class TargetNetworks(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = self.steps_done
+        if not getattr(getattr(pl_module, "hparams", None), "train_critic", True):
+            # no critic step (the Decision Transformer): nothing reads the target networks
+            self.steps_done = n + 1
+            return
         if n > self.step_start_ema and n % self.update_ema_every == 0:
             soft_update(pl_module.ema_actor, pl_module.actor, 1.0 - self.ema_decay)
             self.ema_updates += 1

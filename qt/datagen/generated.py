@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the D4RL arrays as they are written (name, dtype, shape and bytes of each,
+    in key order): two generations agree on it exactly when they made the same dataset."""
+    h = hashlib.sha256()
+    for key in D4RL_KEYS:
+        value = np.ascontiguousarray(as_written(key, arrays[key]))
+        h.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def as_written(key: str, value) -> np.ndarray:
+    """An array as the writers store it: flags as bool, float64 as float32."""
+    value = np.asarray(value)
+    if key in ("terminals", "timeouts"):
+        return value.astype(bool)
+    if value.dtype == np.float64:
+        return value.astype(np.float32)
+    return value
 
 
 @dataclass

@@ -33,7 +33,6 @@ the evaluation env with its fixed goal and time limit.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 import mujoco
@@ -206,7 +205,6 @@ def generate(
         raise UserError(f"reward_goal={reward_goal!r}: expected 'eval' (D4RL) or 'current'.")
     if ref_episodes < 0:
         raise UserError(f"ref_episodes={ref_episodes}: expected 0 or more episodes.")
-    t0 = time.perf_counter()
     # separate streams for the noise and for everything else, so that a shorter dataset is
     # exactly the beginning of a longer one with the same seed
     rng, noise_rng = np.random.default_rng(seed).spawn(2)
@@ -260,7 +258,6 @@ def generate(
             s = (*data.qpos, *data.qvel)
         if progress is not None and ((t + 1) % 10_000 == 0 or t + 1 == steps):
             progress(t + 1)
-    gen_seconds = time.perf_counter() - t0
 
     eval_goal = np.array(env.target)  # the layout's goal cell: D4RL's evaluation goal
     rewards = maze_rewards(obs, eval_goal if reward_goal == "eval" else goals, dense)
@@ -301,7 +298,6 @@ def generate(
             "ref_episodes": ref_episodes,
             "eval_goal": [float(g) for g in eval_goal],
             "max_episode_steps": limit,
-            "generation_seconds": gen_seconds,
             "protocol": "D4RL generate_maze2d_datasets.py + relabel_maze2d_rewards.py",
         },
     )

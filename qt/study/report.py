@@ -8,6 +8,7 @@ a crash could have left half-written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ from qt.study.store import Result, client_for, job_states, parent_run, read_resu
 SCORES = {"best": "best eval during fit", "last": "last eval", "test": "test (best ckpt)"}
 AGGREGATES = ("IQM", "mean")
 SEED = 0  # every bootstrap starts from this seed: the same runs give the same report
+# Variant names whose meaning changed: before the Decision Transformer as published existed
+# (docs/baselines.md), studies called QT's trainer with eta 0 and no Q in acting `dt`; a store's
+# `dt` of that kind is reported under its present name.
+LEGACY_VARIANTS = {"dt": "qt-no-q"}
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -60,6 +65,7 @@ class Report:
     study: Study
     results: list[Result]
     missing: list[Job]
+    renamed: dict = field(default_factory=dict)  # a study's variant name -> the name reported
     cells: dict = field(default_factory=dict)  # (task, variant, score) -> {mean, lo, hi, values}
     aggregates: dict = field(default_factory=dict)  # (variant, score, stat) -> {value, lo, hi}
     curves: dict = field(default_factory=dict)  # (task, variant) -> (steps, mean, lo, hi)
@@ -157,6 +163,12 @@ class Report:
             busy = sum(r.seconds for r in self.results)
             out.append(
                 f"Wall time: {span / 60:.1f} min from the first fit's start to the last test's end; {busy / 60:.1f} min of fits and tests in all."
+            )
+        for old, new in self.renamed.items():
+            out.append(
+                f"Variant {old!r} of the study file is reported as {new!r}: QT's trainer "
+                "with eta 0 and no Q in acting, the name's meaning before the Decision "
+                "Transformer as published joined the studies (docs/baselines.md)."
             )
         if self.missing:
             out.append(
@@ -272,7 +284,51 @@ def build(study: Study, client, experiment_id: str) -> Report:
     states = job_states(client, experiment_id, study)
     results = [read_result(client, st) for st in states if st.done]
     missing = [st.job for st in states if not st.done]
-    return Report(study, results, missing).compute()
+    renamed = legacy_renames(study, results)
+    if renamed:
+        study, results, missing = _rename(study, results, missing, renamed)
+    return Report(study, results, missing, renamed=renamed).compute()
+
+
+def _qt_without_q(eta, train_critic) -> bool:
+    return float(eta) == 0.0 and str(train_critic) == "True"
+
+
+def legacy_renames(study: Study, results: list[Result]) -> dict[str, str]:
+    """{old: new} for each variant named as in LEGACY_VARIANTS whose fits are QT's trainer with
+    eta 0 (their params; the study's overrides when none has finished), unless the study also
+    has a variant of the new name."""
+    renames = {}
+    for old, new in LEGACY_VARIANTS.items():
+        if old not in study.variants or new in study.variants:
+            continue
+        mine = [r.params for r in results if r.job.variant == old]
+        over = study.variants[old]
+        if mine:
+            ablation = all(
+                _qt_without_q(
+                    p.get("config.model.eta", 1), p.get("config.model.train_critic", True)
+                )
+                for p in mine
+            )
+        else:
+            ablation = _qt_without_q(over.get("model.eta", 1), over.get("model.train_critic", True))
+        if ablation:
+            renames[old] = new
+    return renames
+
+
+def _rename(study: Study, results: list[Result], missing: list[Job], names: dict[str, str]):
+    """The study, results and missing jobs with variants renamed (order and job keys kept)."""
+    keys = [j.key for j in study.jobs()]
+    variants = {names.get(v, v): over for v, over in study.variants.items()}
+    study = dataclasses.replace(study, variants=variants, keys=keys)
+
+    def job(j: Job) -> Job:
+        return dataclasses.replace(j, variant=names.get(j.variant, j.variant))
+
+    results = [dataclasses.replace(r, job=job(r.job)) for r in results]
+    return study, results, [job(j) for j in missing]
 
 
 def write(report: Report, client, parent_run_id: str | None) -> Path:

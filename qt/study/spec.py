@@ -7,7 +7,7 @@ tasks:                            # a list of task names, or task: {its own over
   maze2d-umaze-v1: {data.path: data/d4rl/maze2d-umaze-sparse-v1.hdf5}
 variants:                         # name: overrides of `cli.py fit` ({} = the config as is)
   qt: {}
-  dt: {model.eta: 0, model.rtg_no_q: true, model.infer_no_q: true}
+  qt-no-q: {model.eta: 0, model.rtg_no_q: true, model.infer_no_q: true}
 seeds: [0, 1, 2]
 overrides: {trainer.max_epochs: 8}  # shared by every fit
 workers: 2                        # fits at once (local backend)

@@ -144,3 +144,59 @@ def test_video_failure_is_said_once_and_evaluation_goes_on(monkeypatch):
         cb._video(trainer, _tiny_module(), 0, "epoch0000")
     cb._video(trainer, _tiny_module(), 1, "epoch0001")  # said once: no second attempt
     assert calls == [1] and cb.record_video is False
+
+
+def _fit_and_record_starts(monkeypatch, seed: int, **options) -> tuple[list[int], list]:
+    """Fit a tiny module for one step with `seed_everything(seed)`; the episode seeds its
+    evaluation played and their first observations (the episodes themselves are not run)."""
+    import lightning as L
+
+    from qt.acting import episodes
+    from qt.data.batch import Segments
+    from qt.envs import make_env
+
+    played: list[int] = []
+
+    def record(policy, env_fn, seeds, num_envs=None):
+        played.extend(seeds)
+        n = len(seeds)
+        return episodes.EpisodeStats(np.array(seeds), np.zeros(n), np.ones(n, dtype=np.int64))
+
+    monkeypatch.setattr(episodes, "run_episodes", record)
+    L.seed_everything(seed)
+    module = QTModule(
+        state_dim=4, act_dim=2, K=3, max_ep_len=6, scale=10.0, hidden_size=8, n_layer=1,
+        n_head=1, env_targets=list(get_task("maze2d-umaze-v1").env_targets), **options,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(2, 3)
+    batch = Segments(torch.randn(2, 3, 4, generator=g), torch.rand(2, 3, 2, generator=g),
+                     torch.zeros(2, 3, 1), torch.zeros(2, 3), torch.zeros(2, 4, 1),
+                     torch.arange(3).expand(2, 3), mask)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[Evaluation(num_eval_episodes=4, task="maze2d-umaze-v1")],
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    starts = []
+    for s in played:
+        env = make_env("maze2d-umaze-v1")
+        starts.append(env.reset(seed=s)[0])
+        env.close()
+    return played, starts
+
+
+def test_each_seed_plays_its_own_start_states_and_its_variants_the_same(monkeypatch):
+    dt = dict(eta=0.0, rtg_no_q=True, infer_no_q=True, train_critic=False,
+              next_state_loss=False, optimizer="adamw", lr_decay=False, warmup_steps=10)  # fmt: skip
+    qt0, qt0_starts = _fit_and_record_starts(monkeypatch, 0)
+    dt0, dt0_starts = _fit_and_record_starts(monkeypatch, 0, **dt)
+    qt1, qt1_starts = _fit_and_record_starts(monkeypatch, 1)
+    assert qt0 == dt0 == [0, 1, 2, 3]  # seed 0: the set every fit played before
+    assert qt1 == [2**32 + i for i in range(4)]
+    for a, b in zip(qt0_starts, dt0_starts, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # seed 1's start states are none of seed 0's
+    assert not any(np.array_equal(a, b) for a in qt0_starts for b in qt1_starts)
+    assert len({tuple(np.round(x, 9)) for x in qt0_starts}) == 4

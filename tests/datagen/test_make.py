@@ -259,3 +259,79 @@ def test_a_generated_name_that_is_not_a_registered_task_still_gets_its_summary(t
     assert make.main(args) == 0
     out = capsys.readouterr().out
     assert "ref scores     measured: min " in out and "D4RL's" not in out
+
+
+# ---------------------------------------------------------------------------- one dataset, two copies
+def _copies(tmp_path):
+    """The (Minari, hdf5) step counts on disk, None for a copy that is not there."""
+    minari_dir = tmp_path / "minari" / "qt" / "maze2d-umaze-v1"
+    h5 = tmp_path / "d4rl" / "maze2d-umaze-sparse-v1.hdf5"
+    m = load(tmp_path / "minari").total_steps if minari_dir.exists() else None
+    if h5.exists():
+        with h5py.File(h5, "r") as f:
+            return m, len(f["rewards"])
+    return m, None
+
+
+def _gen(tmp_path, *extra):
+    return make.main(["maze2d-umaze-v1", "--out", str(tmp_path / "minari"), "--ref-episodes",
+                      "1", *extra])  # fmt: skip
+
+
+def test_a_request_of_another_size_or_seed_is_refused_without_force(tmp_path, capsys):
+    assert _gen(tmp_path, "--steps", "600") == 0
+    assert _copies(tmp_path) == (600, 600)
+    capsys.readouterr()
+    h5 = tmp_path / "d4rl" / "maze2d-umaze-sparse-v1.hdf5"
+    assert _gen(tmp_path, "--steps", "900") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: maze2d-umaze-v1: the dataset on disk ({tmp_path / 'minari' / 'qt' / 'maze2d-umaze-v1'})"
+        " holds 600 steps from seed 0, but this request is for 900 steps from seed 0: pass "
+        "--force to replace it, or ask for what is there."
+    ]
+    # the default size (D4RL's 1,000,000 for umaze), as `make data` asks
+    assert _gen(tmp_path) == 2
+    assert "this request is for 1,000,000 steps from seed 0" in capsys.readouterr().err
+    assert _gen(tmp_path, "--steps", "600", "--seed", "4") == 2
+    assert "this request is for 600 steps from seed 4" in capsys.readouterr().err
+    assert _copies(tmp_path) == (600, 600)  # nothing touched
+    # the same request: nothing to do; --force: both copies replaced, both recording it
+    assert _gen(tmp_path, "--steps", "600") == 0
+    assert "already there" in capsys.readouterr().out
+    assert _gen(tmp_path, "--steps", "900", "--force") == 0
+    assert _copies(tmp_path) == (900, 900)
+    with h5py.File(h5, "r") as f:
+        assert json.loads(f.attrs["qt_metadata"])["request"] == {"steps": 900, "seed": 0}
+
+
+def test_two_copies_that_disagree_are_named_and_replaced_together_with_force(tmp_path, capsys):
+    assert _gen(tmp_path, "--steps", "600") == 0
+    h5 = tmp_path / "d4rl" / "maze2d-umaze-sparse-v1.hdf5"
+    # an hdf5 of another size beside the Minari copy (what a killed run used to leave)
+    other = generate("maze2d-umaze-v1", steps=300, seed=0, ref_episodes=1)
+    other.metadata["request"] = {"steps": 300, "seed": 0}
+    writers.write_d4rl_hdf5(other, h5, force=True)
+    capsys.readouterr()
+    assert _gen(tmp_path, "--steps", "300") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "its two copies on disk disagree" in err
+    assert f"{h5} holds 300 steps from seed 0" in err and "holds 600 steps from seed 0" in err
+    assert _gen(tmp_path, "--steps", "300", "--force") == 0
+    assert _copies(tmp_path) == (300, 300)
+
+
+def test_a_generation_stopped_while_writing_the_hdf5_leaves_neither_copy(tmp_path, monkeypatch):
+    def dies(ds, tmp):
+        tmp.write_bytes(b"half an hdf5")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writers, "_build_hdf5", dies)
+    with pytest.raises(KeyboardInterrupt):
+        _gen(tmp_path, "--steps", "600")
+    monkeypatch.undo()
+    assert _copies(tmp_path) == (None, None)  # the Minari copy was not put in place alone
+    assert not list((tmp_path / "d4rl").glob(".*")) and not list(tmp_path.glob(".maze2d*"))
+    # rerun with another size: both copies of that size
+    assert _gen(tmp_path, "--steps", "300") == 0
+    assert _copies(tmp_path) == (300, 300)

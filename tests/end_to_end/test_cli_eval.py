@@ -78,7 +78,9 @@ def test_test_and_validate_act_with_the_checkpoint(fitted, capsys):
     saved = load_checkpoint(last)["state_dict"]
     for name, value in run.model.state_dict().items():
         assert torch.equal(value, saved[name]), name
-    seeds = [cb.seed + i for i in range(3)]
+    # the start states are the fit's seed's (3, in the checkpoint), whatever this run's seed
+    assert cb.seed is None and cb.episode_base(run.model) == 3 * 2**32
+    seeds = [3 * 2**32 + i for i in range(3)]
     want = _one_at_a_time(run.model, cb, seeds)
     np.testing.assert_allclose(cb.last_summary.returns, want, rtol=1e-6)
     assert len(set(want.round(6))) == 3  # three different episodes, each with its own return
@@ -86,7 +88,7 @@ def test_test_and_validate_act_with_the_checkpoint(fitted, capsys):
     assert float(row.split()[1]) == pytest.approx(want.mean(), abs=0.01)
 
     # validate: the same protocol and seeds, logged under eval/
-    run = _run(root, ["validate", *common, "--episodes", "2"])
+    run = _run(root, ["validate", *common, "--episodes", "2", "--seed_everything", "11"])
     cb = _evaluation(run)
     np.testing.assert_allclose(cb.last_summary.returns, want[:2], rtol=1e-6)
     logged = run.trainer.callback_metrics

@@ -62,7 +62,7 @@ def _result(job, steps: list[int], max_time: str) -> store.Result:
 def test_the_budget_says_where_max_time_stopped_each_variant():
     study = load_study(ROOT / "configs" / "studies" / "maze2d-umaze-gpu.yaml", check=False)
     jobs = study.jobs()
-    ends = {("qt", 0): 3741, ("qt", 1): 3656, ("dt", 0): 3836, ("dt", 1): 3871}
+    ends = {("qt", 0): 3741, ("qt", 1): 3656, ("qt-no-q", 0): 3836, ("qt-no-q", 1): 3871}
     results = [
         _result(j, [1000, 2000, 3000, ends[j.variant, j.seed]], "00:00:07:00")
         for j in jobs
@@ -73,7 +73,7 @@ def test_the_budget_says_where_max_time_stopped_each_variant():
     assert lines == [
         f"Budget of qt: at most 51,000 training steps {shape}; trainer.max_time 00:00:07:00, "
         "last evaluated at 3,656 to 3,741 steps.",
-        f"Budget of dt: at most 51,000 training steps {shape}; trainer.max_time 00:00:07:00, "
+        f"Budget of qt-no-q: at most 51,000 training steps {shape}; trainer.max_time 00:00:07:00, "
         "last evaluated at 3,836 to 3,871 steps.",
     ]
     # a time limit the fits never reached
@@ -86,3 +86,56 @@ def test_the_budget_says_where_max_time_stopped_each_variant():
     assert rep.Report(study, results, missing=[]).budget() == [
         f"Budget: 51,000 training steps {shape}."
     ]
+
+
+def _store_study(tmp_path, variants: str, train_critic: dict[str, bool]):
+    """A study's finished fits and tests in an MLflow store, as the runner leaves them."""
+    text = f"name: s\nbootstrap_reps: 100\ntasks: [maze2d-umaze-v1]\nseeds: [0, 1]\nvariants:\n{variants}"
+    study = load_study(tmp_path / "s.yaml", check=False, text=text)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("study-s", artifact_location=(tmp_path / "a").as_uri())
+    for job in study.jobs():
+        eta = "0.0" if job.variant != "qt" else "5.0"
+        params = {"config.model.eta": eta, "config.trainer.max_epochs": "3",
+                  "config.data.num_steps_per_iter": "1000", "config.data.batch_size": "64",
+                  "config.model.hidden_size": "64", "config.model.n_layer": "2",
+                  "config.model.n_head": "2", "config.data.K": "20"}  # fmt: skip
+        if job.variant in train_critic:  # runs made before the option existed have no param
+            params["config.model.train_critic"] = str(train_critic[job.variant])
+        tags = {"study": "s", "qt.study.key": job.key}
+        fit = client.create_run(exp, tags=tags | {"qt.study.kind": "fit"})
+        for k, v in params.items():
+            client.log_param(fit.info.run_id, k, v)
+        client.log_metric(fit.info.run_id, "eval/return_mean", 50.0 + job.seed, step=999)
+        client.set_terminated(fit.info.run_id)
+        test = client.create_run(exp, tags=tags | {"qt.study.kind": "test",
+                                                   "qt.study.fit_run": fit.info.run_id})  # fmt: skip
+        client.log_metric(test.info.run_id, "test/return_mean", 40.0)
+        client.set_terminated(test.info.run_id)
+    return study, client, exp
+
+
+def test_a_stores_dt_of_qts_trainer_is_reported_as_qt_no_q(tmp_path):
+    old = "  qt: {}\n  dt: {model.eta: 0, model.rtg_no_q: true, model.infer_no_q: true}\n"
+    study, client, exp = _store_study(tmp_path, old, train_critic={})
+    report = rep.build(study, client, exp)
+    assert list(report.study.variants) == ["qt", "qt-no-q"] and not report.missing
+    assert sorted({r.job.variant for r in report.results}) == ["qt", "qt-no-q"]
+    assert ("maze2d-umaze-v1", "qt-no-q", "best") in report.cells
+    assert "Variant 'dt' of the study file is reported as 'qt-no-q'" in report.markdown()
+    assert "| maze2d-umaze-v1 | qt-no-q | 2 |" in report.markdown()
+    assert [j.key for j in report.study.jobs()] == [j.key for j in study.jobs()]
+
+
+def test_the_published_dt_beside_qt_no_q_keeps_its_name(tmp_path):
+    three = (
+        "  qt: {}\n  dt: {model.eta: 0, model.train_critic: false}\n"
+        "  qt-no-q: {model.eta: 0, model.rtg_no_q: true, model.infer_no_q: true}\n"
+    )
+    study, client, exp = _store_study(tmp_path / "a", three, train_critic={"dt": False})
+    report = rep.build(study, client, exp)
+    assert list(report.study.variants) == ["qt", "dt", "qt-no-q"] and not report.renamed
+    # a `dt` alone whose fits trained no critic is the published DT: not renamed either
+    alone = "  qt: {}\n  dt: {model.eta: 0, model.train_critic: false}\n"
+    study, client, exp = _store_study(tmp_path / "b", alone, train_critic={"dt": False})
+    assert rep.legacy_renames(study, rep.build(study, client, exp).results) == {}

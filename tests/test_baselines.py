@@ -1,0 +1,172 @@
+"""The Decision Transformer as its authors trained it (docs/baselines.md), as QTModule options.
+
+The expected parameters come from steps written out here: the masked action MSE by boolean
+indexing, gradient clipping by the total norm, and AdamW's update with a linear warm-up of the
+learning rate, each by its formula, on copies of the module's actor.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qt.callbacks.targets import TargetNetworks
+from qt.data.batch import Segments
+from qt.errors import UserError
+from qt.module import QTModule
+
+S, A, K, B = 3, 2, 5, 6
+
+# The published recipe's options (configs/dt/): no critic, no Q, the action loss, AdamW, warm-up.
+DT = dict(
+    eta=0.0, rtg_no_q=True, infer_no_q=True, train_critic=False, next_state_loss=False,
+    optimizer="adamw", lr_decay=False,
+)  # fmt: skip
+
+
+def make_batch(seed: int) -> Segments:
+    """B windows with left padding of 0..K-1 steps."""
+    g = torch.Generator().manual_seed(seed)
+    pad = torch.tensor([0, 1, 2, 4, 0, 3])
+    mask = (torch.arange(K)[None] >= pad[:, None]).float()
+    states = torch.randn(B, K, S, generator=g) * mask[..., None]
+    actions = (torch.rand(B, K, A, generator=g) * 2 - 1) * mask[..., None]
+    rewards = torch.randn(B, K, 1, generator=g) * mask[..., None]
+    rtg = torch.randn(B, K + 1, 1, generator=g)
+    timesteps = (torch.arange(K)[None] - pad[:, None]).clamp(min=0) * mask.long()
+    return Segments(states, actions, rewards, 1.0 - mask, rtg, timesteps, mask)
+
+
+class _Lrs(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def fit(module: QTModule, batches: list[Segments], callbacks=()) -> _Lrs:
+    logged = _Lrs()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[logged, *callbacks],
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    return logged
+
+
+def hand_written_dt(actor, batches, lr, wd, warmup, clip, betas=(0.9, 0.999), eps=1e-8):
+    """The authors' DT steps: action MSE, clip, AdamW with min((n+1)/warmup, 1) warm-up."""
+    params = [p for p in actor.parameters()]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    lrs, norms = [], []
+    for n, batch in enumerate(batches):
+        out = actor(batch.states, batch.actions, batch.rewards, batch.rtg[:, :-1],
+                    batch.timesteps, batch.mask)  # fmt: skip
+        valid = batch.mask.reshape(-1) > 0
+        loss = F.mse_loss(
+            out.action_preds.reshape(-1, A)[valid], batch.actions.reshape(-1, A)[valid]
+        )
+        for p in params:
+            p.grad = None
+        loss.backward()
+        with torch.no_grad():
+            live = [(i, p) for i, p in enumerate(params) if p.grad is not None]
+            total = torch.sqrt(sum((p.grad.double() ** 2).sum() for _, p in live)).item()
+            norms.append(total)
+            coef = min(1.0, clip / (total + 1e-6))
+            step_lr = lr * min((n + 1) / warmup, 1.0)
+            lrs.append(step_lr)
+            t = n + 1
+            for i, p in live:  # a parameter without a gradient is left alone, decay included
+                g = p.grad * coef
+                p.mul_(1 - step_lr * wd)
+                m[i] = betas[0] * m[i] + (1 - betas[0]) * g
+                v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
+                m_hat = m[i] / (1 - betas[0] ** t)
+                v_hat = v[i] / (1 - betas[1] ** t)
+                p.sub_(step_lr * m_hat / (v_hat.sqrt() + eps))
+    return lrs, norms
+
+
+def test_published_dt_trains_on_the_action_loss_alone_with_adamw_warmup_and_clip():
+    torch.manual_seed(4)
+    lr, wd, warmup, clip = 5e-3, 0.1, 3, 0.25
+    module = QTModule(
+        state_dim=S, act_dim=A, K=K, max_ep_len=K, hidden_size=8, n_layer=2, n_head=2,
+        dropout=0.0, embed_dropout=0.0, learning_rate=lr, weight_decay=wd, warmup_steps=warmup,
+        grad_norm=clip, **DT,
+    )  # fmt: skip
+    actor = copy.deepcopy(module.actor)
+    untouched = {
+        name: copy.deepcopy(getattr(module, name).state_dict())
+        for name in ("critic", "critic_target", "ema_actor")
+    }
+    state_head = copy.deepcopy(module.actor.predict_state.state_dict())
+    batches = [make_batch(i) for i in range(5)]
+    # the target networks' callback with a schedule that would move both from the first step
+    targets = TargetNetworks(step_start_ema=-1, update_ema_every=1, tau=0.5)
+    logged = fit(module, batches, callbacks=[targets])
+
+    lrs, norms = hand_written_dt(actor, batches, lr, wd, warmup, clip)
+    assert lrs == pytest.approx([lr / 3, 2 * lr / 3, lr, lr, lr])
+    assert min(norms) > clip  # the clip acted on every step
+    for step, want_lr, want_norm in zip(logged.steps, lrs, norms, strict=True):
+        assert step["lr/actor"] == pytest.approx(want_lr, rel=1e-6)  # logged as float32
+        assert step["train/actor_grad_norm"] == pytest.approx(want_norm, rel=1e-5)
+        assert "train/critic_loss" not in step and "train/q_loss" not in step
+    for name, value in actor.state_dict().items():
+        torch.testing.assert_close(module.actor.state_dict()[name], value, atol=1e-6, rtol=1e-5)
+    # the next-state head had no gradient: not even weight decay moved it
+    for name, value in state_head.items():
+        assert torch.equal(module.actor.predict_state.state_dict()[name], value), name
+    # the critic, its target and the EMA actor are as they were built
+    for net, before in untouched.items():
+        for name, value in getattr(module, net).state_dict().items():
+            assert torch.equal(value, before[name]), f"{net}.{name}"
+    assert int(module.train_steps) == 5 and targets.steps_done == 5
+
+
+def test_adamw_warmup_and_the_action_loss_compose_with_qts_step():
+    """With a critic: the warm-up moves both learning rates, AdamW is not Adam, and
+    next_state_loss false leaves the state head without a gradient while the critic learns."""
+    torch.manual_seed(1)
+    kw = dict(state_dim=S, act_dim=A, K=K, max_ep_len=K, hidden_size=8, n_layer=1, n_head=2,
+              dropout=0.0, embed_dropout=0.0, lr_decay=False, weight_decay=0.5)  # fmt: skip
+    adam, adamw = QTModule(**kw), QTModule(**kw, optimizer="adamw", warmup_steps=2)
+    adamw.load_state_dict(adam.state_dict())
+    batches = [make_batch(i) for i in range(2)]
+    fit(adam, batches)
+    logged = fit(adamw, batches)
+    assert [s["lr/actor"] for s in logged.steps] == pytest.approx([1.5e-4, 3e-4])
+    assert [s["lr/critic"] for s in logged.steps] == pytest.approx([1.5e-4, 3e-4])
+    assert not torch.equal(adam.actor.embed_state.weight, adamw.actor.embed_state.weight)
+
+    no_state = QTModule(**kw, next_state_loss=False)
+    head = copy.deepcopy(no_state.actor.predict_state.state_dict())
+    critic = copy.deepcopy(no_state.critic.state_dict())
+    fit(no_state, batches)
+    for name, value in head.items():
+        assert torch.equal(no_state.actor.predict_state.state_dict()[name], value), name
+    assert any(not torch.equal(v, critic[k]) for k, v in no_state.critic.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (dict(train_critic=False), "train_critic=false"),
+        (dict(train_critic=False, eta=0.0, rtg_no_q=True), "infer_no_q"),
+        (dict(warmup_steps=10, lr_decay=True), "lr_decay"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(optimizer="sgd"), "optimizer"),
+    ],
+)
+def test_inconsistent_recipes_are_named(options, words):
+    with pytest.raises(UserError, match=words):
+        QTModule(state_dim=S, act_dim=A, K=K, max_ep_len=K, hidden_size=8, n_layer=1, n_head=2,
+                 **options)  # fmt: skip
