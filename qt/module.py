@@ -221,20 +221,7 @@ class QTModule(L.LightningModule):
         # ---- actor: behaviour cloning plus the normalised Q term. `rewards` is the batch's
         # with rewards[:, K-1] zeroed when the critic's targets did so (the reference zeroes
         # them in place, so its actor and its `sar` reward loss see the zeroed copy).
-        out = self.actor(
-            batch.states, batch.actions, rewards, batch.rtg[:, :-1], batch.timesteps, batch.mask
-        )
-        bc_loss = losses.bc_loss(
-            out.action_preds,
-            batch.actions,
-            out.state_preds,
-            batch.states,
-            batch.mask,
-            reward_preds=out.reward_preds,
-            rewards=rewards,
-            scale=hp.scale,
-            next_state=hp.next_state_loss,
-        )
+        out, bc_loss = self._behaviour_cloning(batch, rewards)
         # The Q term reads the critic, which must not learn from it here: the reference
         # leaves these gradients in the critic and clears them at the next critic step.
         # Freezing the critic for this forward gives the same parameters and keeps DDP's
@@ -270,6 +257,26 @@ class QTModule(L.LightningModule):
             on_epoch=False,
         )
 
+    def _behaviour_cloning(self, batch: Segments, rewards: torch.Tensor):
+        """The actor's forward on the batch, `rewards` its reward inputs, and its behaviour-
+        cloning loss (docs/algorithm.md §3.2): what QT's step and the actor-only step share."""
+        hp = self.hparams
+        out = self.actor(
+            batch.states, batch.actions, rewards, batch.rtg[:, :-1], batch.timesteps, batch.mask
+        )
+        bc_loss = losses.bc_loss(
+            out.action_preds,
+            batch.actions,
+            out.state_preds,
+            batch.states,
+            batch.mask,
+            reward_preds=out.reward_preds,
+            rewards=rewards,
+            scale=hp.scale,
+            next_state=hp.next_state_loss,
+        )
+        return out, bc_loss
+
     def _actor_only_step(self, batch: Segments) -> None:
         """A step without a critic (train_critic false): behaviour cloning of the actor alone.
 
@@ -280,25 +287,7 @@ class QTModule(L.LightningModule):
         hp = self.hparams
         actor_opt, _ = self.optimizers()
         self._step_generators()
-        out = self.actor(
-            batch.states,
-            batch.actions,
-            batch.rewards,
-            batch.rtg[:, :-1],
-            batch.timesteps,
-            batch.mask,
-        )
-        bc_loss = losses.bc_loss(
-            out.action_preds,
-            batch.actions,
-            out.state_preds,
-            batch.states,
-            batch.mask,
-            reward_preds=out.reward_preds,
-            rewards=batch.rewards,
-            scale=hp.scale,
-            next_state=hp.next_state_loss,
-        )
+        _, bc_loss = self._behaviour_cloning(batch, batch.rewards)
         actor_loss = self.eta2.to(bc_loss.dtype) * bc_loss
         actor_opt.zero_grad(set_to_none=True)
         self.manual_backward(actor_loss)
