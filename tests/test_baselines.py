@@ -225,3 +225,34 @@ def test_published_dt_acts_as_the_authors_evaluate_episode_rtg():
         rewards.append(reward)
         rtg.append(rtg[-1] - torch.tensor(reward / scale, dtype=torch.float32))
         states.append((torch.as_tensor(nxt[0]) - mean) / std)
+
+
+def test_a_resumed_dt_fit_continues_its_warmup(tmp_path):
+    """The warm-up's step count travels in the checkpoint: one iteration, saved, then a second
+    from the checkpoint, gives the learning rates and parameters of two iterations straight."""
+
+    def module() -> QTModule:
+        torch.manual_seed(0)
+        return QTModule(state_dim=S, act_dim=A, K=K, max_ep_len=K, hidden_size=8, n_layer=1,
+                        n_head=2, warmup_steps=10, **DT)  # fmt: skip
+
+    def trainer(epochs: int, logged: _Lrs) -> L.Trainer:
+        return L.Trainer(
+            accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path, callbacks=[logged],
+        )  # fmt: skip
+
+    data = torch.utils.data.DataLoader([make_batch(i) for i in range(3)], batch_size=None)
+    first, second, straight = _Lrs(), _Lrs(), _Lrs()
+    t = trainer(1, first)
+    t.fit(module(), data)
+    t.save_checkpoint(tmp_path / "one.ckpt")
+    resumed = module()
+    trainer(2, second).fit(resumed, data, ckpt_path=tmp_path / "one.ckpt")
+    whole = module()
+    trainer(2, straight).fit(whole, data)
+    lrs = [s["lr/actor"] for s in first.steps + second.steps]
+    assert lrs == pytest.approx([n * 3e-4 / 10 for n in range(1, 7)], rel=1e-6)  # lr 3e-4
+    assert lrs == [s["lr/actor"] for s in straight.steps]
+    for name, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
