@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 import yaml
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -25,7 +25,7 @@ from qt.callbacks.targets import TargetNetworks
 from qt.checkpointing import CheckpointError, load_checkpoint
 from qt.console import quiet
 from qt.data.datamodule import QTDataModule
-from qt.errors import UserError, report
+from qt.errors import UserError, parser_error, report, storage_failure
 from qt.module import QTModule
 from qt.runtime import keep_freed_memory
 from qt.tasks import get_task
@@ -77,6 +77,47 @@ class MLflowConfig(SaveConfigCallback):
             logger.experiment.log_text(logger.run_id, text, name)
 
 
+class QTArgumentParser(LightningArgumentParser):
+    """Lightning's parser, but a bad argument is one line naming it and a hint to --help,
+    not a hundred lines of usage above it."""
+
+    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        parser_error(parser.prog, message)
+
+
+# the least free space a fit starts with: the store, a few checkpoints and plots
+MIN_FREE_BYTES = 64 * 2**20
+
+
+def _check_store(save_dir: str | Path) -> None:
+    """The folder of the MLflow store and checkpoints is writable and not full: one sentence
+    before anything is created (MLflow's own error is a traceback under a parser's error)."""
+    import shutil
+    import tempfile
+
+    folder = Path(save_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".qt-write-check-"):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"{folder}/ (trainer.logger.init_args.save_dir) cannot be written "
+            f"({err.strerror or err}): expected a folder this user can write runs to; choose "
+            "another with --trainer.logger.init_args.save_dir."
+        ) from None
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(
+            f"{folder}/ (trainer.logger.init_args.save_dir) has {free / 2**20:.1f} MB free: "
+            f"expected at least {MIN_FREE_BYTES // 2**20} MB for the run's store and "
+            "checkpoints; free some space or choose another folder."
+        )
+
+
 class QTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The Evaluation callback is always there and set on its own (`evaluation:` in a config,
@@ -121,6 +162,10 @@ class QTCLI(LightningCLI):
         if not (isinstance(logger, dict) or hasattr(logger, "init_args")):
             return
         init_args = logger["init_args"] if isinstance(logger, dict) else logger.init_args
+        if not init_args.get("tracking_uri") or str(init_args["tracking_uri"]).startswith(
+            "sqlite:"
+        ):
+            _check_store(init_args.get("save_dir") or "runs")
         model = _as_dict(config.get("model"))
         model["K"] = config["data"]["K"]
         task, seed = config["data"]["task"], config["seed_everything"]
@@ -275,6 +320,7 @@ def _build(args: list[str] | None, run: bool) -> QTCLI:
             "default_config_files": [str(BASE_CONFIG)] if not run else [],
             **{sub: {"default_config_files": [str(BASE_CONFIG)]} for sub in SUBCOMMANDS},
         },
+        parser_class=QTArgumentParser,
         save_config_callback=MLflowConfig,
         save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
         args=args,
@@ -294,6 +340,11 @@ def run(args: list[str] | None = None) -> int:
         return 143
     except UserError as err:  # QT_TRACEBACK=1 shows where it came from
         return report(err)
+    except Exception as err:  # a full or read-only disk mid-fit: one sentence, not MLflow's
+        sentence = storage_failure(err)
+        if sentence is None:
+            raise
+        return report(UserError(sentence))
     return 0
 
 

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from qt.errors import ArgumentParser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
@@ -91,7 +92,7 @@ def _best_checkpoint(run) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qt.demo", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m qt.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset-steps", type=int, default=None, help="default: D4RL's size")
     parser.add_argument("--epochs", type=int, default=None, help="default: configs/demo.yaml")
     parser.add_argument("--steps-per-epoch", type=int, default=None)

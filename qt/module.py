@@ -107,7 +107,7 @@ class QTModule(L.LightningModule):
             hidden_size=hidden_size, n_layer=n_layer, n_head=n_head, dropout=dropout,
             critic_hidden_size=hidden_size if critic_hidden_size is None else critic_hidden_size,
             learning_rate=learning_rate, critic_lr=critic_lr, max_iters=max_iters,
-            lambda_=lambda_, discount=discount, num_candidates=num_candidates,
+            lambda_=lambda_, discount=discount, num_candidates=num_candidates, eta=eta,
         )  # fmt: skip
         _check_recipe(
             eta=eta, rtg_no_q=rtg_no_q, infer_no_q=infer_no_q, train_critic=train_critic,
@@ -412,6 +412,11 @@ def _check_hparams(**values) -> None:
     for name in ("scale", "learning_rate", "critic_lr", "lambda_"):
         if not values[name] > 0:
             raise UserError(f"model.{name}={values[name]!r}: expected a number > 0.")
+    if not values["eta"] >= 0:  # NaN fails too
+        raise UserError(
+            f"model.eta={values['eta']!r}: expected a number >= 0 (the weight of the Q term "
+            "in the actor's loss; 0 leaves it out)."
+        )
     if not 0.0 <= values["dropout"] < 1.0:
         raise UserError(f"model.dropout={values['dropout']!r}: expected a number in [0, 1).")
     if not 0.0 <= values["discount"] <= 1.0:

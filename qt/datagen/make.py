@@ -24,7 +24,7 @@ import numpy as np
 
 from qt.datagen.generated import GeneratedDataset, arrays_digest
 from qt.datagen.writers import episode_bounds, write_dataset
-from qt.errors import UserError, report
+from qt.errors import ArgumentParser, UserError, report
 
 LOCOMOTION = ("hopper", "halfcheetah", "walker2d")
 LOCOMOTION_HELP = """locomotion options (hopper/halfcheetah/walker2d-*, see qt.datagen.locomotion):
@@ -263,7 +263,7 @@ def _say(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m qt.datagen",
         description=__doc__.split("\n")[0],
         epilog=LOCOMOTION_HELP,
