@@ -1,13 +1,13 @@
-"""`python -m qt.demo` (`make demo`): QT and its Decision Transformer baseline on maze2d-medium.
+"""`python -m qt.demo` (`make demo`): QT and QT without its Q term on maze2d-medium.
 
 1. Generates the dataset of configs/demo.yaml's task (maze2d-medium-v1) by the D4RL protocol
    at D4RL's size (2M steps, 2-4 minutes), or reuses it: a Minari dataset and its D4RL
    hdf5 twin in qt's data root ($QT_DATA_DIR, else ./data).
-2. Trains QT (configs/demo.yaml) and the DT baseline (`eta 0`, `rtg_no_q`, `infer_no_q`) side
-   by side, one process and one thread each, with `cli.py fit`; both log to MLflow. Both are
-   evaluated after every second iteration (`--eval-every`; the demo's two iterations give one
-   evaluation, at the end): QT's acting runs the transformer on 50 return-to-go candidates per
-   step.
+2. Trains QT (configs/demo.yaml) and QT without Q (`qt-no-q`: `eta 0`, `rtg_no_q`, `infer_no_q`;
+   docs/baselines.md; not the Decision Transformer as published) side by side, one process
+   and one thread each, with `cli.py fit`; both log to MLflow. Both are evaluated after every
+   second iteration (`--eval-every`; the demo's two iterations give one evaluation, at the
+   end): QT's acting runs the transformer on 50 return-to-go candidates per step.
 3. Tests each best checkpoint with `cli.py test` and prints a table: the dataset's average
    return, the evaluation episodes' returns and lengths, the normalised scores, and where the
    MLflow runs are.
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
 TASK = yaml.safe_load(CONFIG.read_text())["data"]["task"]
 EXPERIMENT = "qt-demo"
-DT_ARGS = ["--model.eta", "0", "--model.rtg_no_q", "true", "--model.infer_no_q", "true"]
+NO_Q_ARGS = ["--model.eta", "0", "--model.rtg_no_q", "true", "--model.infer_no_q", "true"]
 
 
 def _ensure_dataset(steps: int | None) -> Path:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             EXPERIMENT, artifact_location=(ROOT / "runs" / "mlartifacts").as_uri()
         )
     logs = ROOT / "runs" / "demo"
-    models = {"QT": [], "DT": DT_ARGS}
+    models = {"QT": [], "QT-no-Q": NO_Q_ARGS}
     fits = {
         name: _launch(
             f"fit {name}",
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{r.mean():.2f} (std {r.std():.2f}), normalised {data_score:.1f} "
         f"(D4RL's reference returns {ref_min:.2f} / {ref_max:.2f})",
         "",
-        f"{'':<34}{'QT':>10}{'DT':>10}",
+        f"{'':<34}{'QT':>10}{'QT-no-Q':>10}",
     ]
     rows = [
         ("best evaluation score during fit", fit_runs, "eval/best_normalized_score"),

@@ -494,3 +494,55 @@ def test_seeds_outside_the_study_file_stop_with_one_sentence(tmp_path, data, mon
         f"error: --seeds {given}: expected distinct seeds of the study file's [0, 1]."
     )
     assert study.selected is None and len([j for j in study.jobs() if study.runs_here(j)]) == 8
+
+
+@pytest.mark.parametrize("name", ["maze2d-medium-cpu-w64-3way", "maze2d-medium-cpu-w64-3way-12k"])
+def test_the_three_way_studies_dt_is_the_published_recipe_at_the_regimes_sizes(name, monkeypatch):
+    """Each variant of the three-way studies, parsed as its fits are: `dt` is exactly
+    configs/dt/maze2d-medium-w64.yaml (but for the study's budget), with the published
+    recipe's numbers (docs/baselines.md); qt and qt-no-q are the regime's QT trainer."""
+    from qt.study.spec import fit_args, parse_fit
+
+    monkeypatch.chdir(ROOT)
+    study = load_study(ROOT / "configs" / "studies" / f"{name}.yaml", check=False)
+    assert list(study.variants) == ["qt", "dt", "qt-no-q"] and study.seeds == [0, 1, 2, 3, 4]
+    assert study.test_episodes == 50
+    task = "maze2d-medium-v1"
+    parsed = {
+        v: parse_fit(fit_args(study, task, {**study.overrides, **study.tasks[task], **over}), v)
+        for v, over in study.variants.items()
+    }
+    dt_config = parse_fit(["--config", "configs/dt/maze2d-medium-w64.yaml"], "dt config")
+    dt = parsed["dt"]
+    for section in ("model", "data", "evaluation", "targets"):
+        assert dt[section] == dt_config[section], section
+    steps = dt.trainer.max_epochs * dt.data.num_steps_per_iter
+    assert steps == (12_000 if name.endswith("12k") else 3000)
+    assert parsed["qt"].trainer.max_epochs == dt.trainer.max_epochs
+    m = dt.model
+    assert (m.train_critic, m.next_state_loss, m.optimizer, m.lr_decay) == (
+        False,
+        False,
+        "adamw",
+        False,
+    )
+    assert (m.learning_rate, m.weight_decay, m.warmup_steps, m.grad_norm) == (
+        1e-4,
+        1e-4,
+        10_000,
+        0.25,
+    )
+    assert (m.eta, m.rtg_no_q, m.infer_no_q, m.dropout, dt.data.K, dt.data.batch_size) == (
+        0,
+        True,
+        True,
+        0.1,
+        20,
+        64,
+    )
+    # the same network for all three; QT's trainer for qt and qt-no-q
+    for v in ("qt", "qt-no-q"):
+        q = parsed[v].model
+        assert (q.hidden_size, q.n_layer, q.n_head) == (m.hidden_size, m.n_layer, m.n_head)
+        assert q.train_critic and q.next_state_loss and q.optimizer == "adam" and q.lr_decay
+    assert parsed["qt"].model.eta == 5.0 and parsed["qt-no-q"].model.eta == 0
