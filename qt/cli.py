@@ -29,7 +29,7 @@ from qt.errors import UserError, parser_error, report, storage_failure
 from qt.module import QTModule
 from qt.runtime import keep_freed_memory
 from qt.tasks import get_task
-from qt.tracking import legacy_identities, resume_checkpoint, run_tags, variant_label
+from qt.tracking import legacy_identities, resume_checkpoint, run_name, run_tags
 
 # package data, so that it is found wherever qt is installed and from any working directory
 BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "base.yaml"
@@ -170,14 +170,25 @@ class QTCLI(LightningCLI):
         model["K"] = config["data"]["K"]
         task, seed = config["data"]["task"], config["seed_everything"]
         named = init_args.get("run_name") is not None
-        if not named:
-            init_args["run_name"] = f"{task}-{variant_label(model)}-seed{seed}"
+        evaluating = self.subcommand in ("test", "validate")
+        if not named:  # a test run is named as one: `m2d-umaze/qt/s123/test`
+            kind = self.subcommand if evaluating else ""
+            init_args["run_name"] = run_name(task, seed, model, kind)
         init_args["tags"] = run_tags(task, seed, model, init_args.get("tags"))
         ckpt = config.get("ckpt_path")
+        if evaluating and isinstance(ckpt, str):
+            init_args["tags"].update(_fit_run_tags(ckpt, init_args))
         if self.subcommand == "fit" and isinstance(ckpt, str) and _is_run_ref(ckpt):
             earlier = legacy_identities(task, seed, model)
             config["ckpt_path"] = resume_checkpoint(init_args, ckpt, named, earlier)
             _check_checkpoint(config["ckpt_path"], config, self.subcommand)
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("test", "validate"):
+            # the Evaluation callback prints qt's results table; Lightning's own is a second
+            parser.set_defaults(verbose=False)
+        return parser
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here, with torch.load: check the
@@ -211,6 +222,37 @@ class QTCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._set_test_episodes()
+
+
+def _fit_run_tags(ckpt: str, init_args) -> dict[str, str]:
+    """Tags linking a test or validate run to the fit run that wrote its checkpoint: found
+    from where fits keep checkpoints (`<save_dir>/<experiment id>/<run id>/checkpoints/`).
+    `qt.fit_run` always; MLflow's `mlflow.parentRunId` too when the fit run is in the same
+    experiment, so the UI lists the test under its fit."""
+    import mlflow
+
+    from qt.tracking import default_tracking_uri, store_lock
+
+    path = Path(ckpt).resolve()
+    if path.parent.name != "checkpoints" or len(path.parents) < 4:
+        return {}
+    run_id, experiment_id = path.parents[1].name, path.parents[2].name
+    save_dir = init_args.get("save_dir") or "runs"
+    uri = init_args.get("tracking_uri") or default_tracking_uri(save_dir)
+    try:
+        with store_lock(uri):
+            run = mlflow.MlflowClient(uri).get_run(run_id)
+            exp = mlflow.MlflowClient(uri).get_experiment_by_name(
+                init_args.get("experiment_name") or "qt"
+            )
+    except Exception:  # not a run of this store: no link, the test runs all the same
+        return {}
+    if run.info.experiment_id != experiment_id:
+        return {}
+    tags = {"qt.fit_run": run_id}
+    if exp is not None and exp.experiment_id == run.info.experiment_id:
+        tags["mlflow.parentRunId"] = run_id
+    return tags
 
 
 def _as_dict(tree) -> dict:

@@ -57,6 +57,9 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers")
     # iterations without an evaluation (eval_every_n_epochs > 1): the checkpoint waits for one
     warnings.filterwarnings("ignore", message=r".*could not find the monitored key")
+    # `cli.py test` of a fit's checkpoint writes into a run folder of its own, so the restored
+    # ModelCheckpoint state always names another folder; nothing is lost or overwritten
+    warnings.filterwarnings("ignore", message=r".*dirpath has changed from")
 
 
 __all__ = ["quiet", "say"]
