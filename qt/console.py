@@ -62,4 +62,48 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*dirpath has changed from")
 
 
-__all__ = ["quiet", "say"]
+# ---------------------------------------------------------------------------- fits' progress
+STATUS_ENV = "QT_STATUS_FILE"  # where a fit writes its progress (qt.callbacks.console.Console)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def status_line(path: str | os.PathLike) -> str | None:
+    """One line of a running fit's progress from its status file: iteration, step, rate, time
+    left and its latest score; None while the fit has written none."""
+    import json
+
+    try:
+        st = json.loads(open(path).read())
+    except (OSError, ValueError):
+        return None
+    parts = [f"iteration {st['iteration']}/{st['iterations']}",
+             f"step {st['step']:,}/{st['steps']:,}"]  # fmt: skip
+    if st.get("rate"):
+        parts.append(f"{st['rate']:.1f} steps/s")
+        parts.append(f"{_duration((st['steps'] - st['step']) / st['rate'])} left")
+    if st.get("score") is not None:
+        parts.append(f"score {st['score']:.1f} (best {st['best']:.1f})")
+    else:
+        parts.append("no evaluation yet")
+    return ", ".join(parts)
+
+
+def write_status(path: str | os.PathLike, status: dict) -> None:
+    """Replace the status file at `path` in one rename (a reader never sees half of it)."""
+    import json
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(status, f)
+    os.replace(tmp, path)
+
+
+__all__ = ["STATUS_ENV", "quiet", "say", "status_line", "write_status"]

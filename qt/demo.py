@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from qt.console import STATUS_ENV, status_line
 from qt.errors import ArgumentParser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +54,30 @@ def _ensure_dataset(steps: int | None) -> Path:
 
 def _launch(name: str, command: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env[STATUS_ENV] = str(_status_file(log))  # the fit's progress, which `_wait` shows
+    _status_file(log).unlink(missing_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[demo] {name}: {' '.join(command[1:])}  (log: {log})", flush=True)
     handle = log.open("w")
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
 
-def _wait(procs: dict[str, tuple[subprocess.Popen, Path]]) -> None:
+def _status_file(log: Path) -> Path:
+    return log.with_suffix(".status.json")
+
+
+def _wait(procs: dict[str, tuple[subprocess.Popen, Path]], every: float = 15.0) -> None:
+    """Wait for the processes, showing each running fit's progress every `every` seconds
+    (iteration, step, rate, time left, latest score: `qt.console.status_line`)."""
+    shown = time.monotonic()
+    while any(proc.poll() is None for proc, _ in procs.values()):
+        time.sleep(0.5)
+        if time.monotonic() - shown < every:
+            continue
+        shown = time.monotonic()
+        for name, (proc, log) in procs.items():
+            line = status_line(_status_file(log)) if proc.poll() is None else "done"
+            print(f"[demo] {name}: {line or 'starting'}", flush=True)
     failed = []
     for name, (proc, log) in procs.items():
         if proc.wait() != 0:

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from qt.console import STATUS_ENV, status_line
 from qt.study import store
 from qt.study.report import report
 from qt.study.spec import Study, StudyError
@@ -130,6 +131,13 @@ class Progress:
         return True
 
 
+STATUS_EVERY_S = 30.0  # how often the local backend shows its running fits' progress
+
+
+def _status_file(log: str) -> str:
+    return str(Path(log).with_suffix(".status.json"))
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -139,6 +147,7 @@ def _local(study, todo, specs, logs, progress, exp_id) -> int:
     pending = list(range(len(todo)))
     running: dict[int, tuple[subprocess.Popen, float, object]] = {}
     failed = 0
+    shown = time.monotonic()
     try:
         while pending or running:
             while pending and len(running) < study.workers:
@@ -146,13 +155,20 @@ def _local(study, todo, specs, logs, progress, exp_id) -> int:
                 spec = dict(specs[i], parent_pid=os.getpid())
                 Path(logs[i]).parent.mkdir(parents=True, exist_ok=True)
                 handle = open(logs[i], "a")  # noqa: SIM115 (closed when the job ends)
+                env = _env(study.threads_per_worker)
+                env[STATUS_ENV] = _status_file(logs[i])  # the fit's progress, shown below
+                Path(env[STATUS_ENV]).unlink(missing_ok=True)
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "qt.study.job", json.dumps(spec)],
-                    cwd=os.getcwd(), env=_env(study.threads_per_worker),
-                    stdout=handle, stderr=subprocess.STDOUT,
+                    cwd=os.getcwd(), env=env, stdout=handle, stderr=subprocess.STDOUT,
                 )  # fmt: skip
                 running[i] = (proc, time.perf_counter(), handle)
             time.sleep(0.2)
+            if time.monotonic() - shown >= STATUS_EVERY_S:  # each running fit's progress
+                shown = time.monotonic()
+                for i in running:
+                    line = status_line(_status_file(logs[i]))
+                    _say(f"{todo[i].job.label}: {line or 'starting'}")
             for i, (proc, t0, handle) in list(running.items()):
                 if proc.poll() is None:
                     continue
