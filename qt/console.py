@@ -50,6 +50,9 @@ def quiet() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow logs a failing SQL statement with the whole exception chain, then raises it: the
+    # commands say it in one sentence (qt.errors.storage_failure); QT_TRACEBACK=1 shows it
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     # qt serves no validation batches (evaluation is a callback): Lightning's note about it

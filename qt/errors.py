@@ -131,9 +131,10 @@ def _chain(err: BaseException):
 def storage_failure(err: BaseException) -> str | None:
     """One sentence when `err` (or an exception it came from) is a disk or store that cannot
     be written: full, read-only, not permitted; None otherwise."""
-    for link in _chain(err):
-        if isinstance(link, UserError):
+    for link in _chain(err):  # a sentence qt wrote (a checkpoint that could not be written)
+        if isinstance(link, UserError):  # wins over what failed while stopping after it
             return one_line(link)
+    for link in _chain(err):
         if isinstance(link, OSError) and link.errno in _OS_ERRNOS:
             where = f" ({link.filename})" if link.filename else ""
             return (
