@@ -9,6 +9,7 @@ iteration, step, rate, and latest and best score; `qt.console.status_line` reads
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -54,6 +55,8 @@ class Console(L.Callback):
         if self._status_path is None or (not force and now - self._status_t < self.STATUS_EVERY_S):
             return
         self._status_t = now
+        if not math.isfinite(trainer.num_training_batches):  # an unbounded iteration
+            return
         per_iter = int(trainer.num_training_batches)
         step = int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
         if self._start is None:
