@@ -35,9 +35,24 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qt.errors import UserError
 
+LAST = "last.ckpt"  # what `--ckpt_path last` resumes from (qt/configs/base.yaml)
+
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that cannot be read, or that does not fit the config."""
+
+
+def checkpoint_dir(save_dir: str | os.PathLike, experiment_id: str, run_id: str) -> Path:
+    """The checkpoints of a fit logged to MLflow: `<save_dir>/<experiment id>/<run id>/
+    checkpoints`, where Lightning's ModelCheckpoint writes under qt's MLFlowLogger."""
+    return Path(save_dir) / experiment_id / run_id / "checkpoints"
+
+
+def best_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The best iteration's checkpoint in `folder`: the newest `best-*.ckpt` (ModelCheckpoint
+    keeps one; should a resumed fit leave two, its later best is the newer file)."""
+    found = list(Path(folder).glob("best-*.ckpt"))
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 CHECKSUMS_KEY = "qt_checksums"
@@ -224,8 +239,11 @@ def load_checkpoint(
 
 
 __all__ = [
+    "LAST",
     "AtomicCheckpointIO",
     "CheckpointError",
+    "best_checkpoint",
+    "checkpoint_dir",
     "checksums",
     "load_checkpoint",
     "non_finite",

@@ -170,3 +170,58 @@ def test_inconsistent_recipes_are_named(options, words):
     with pytest.raises(UserError, match=words):
         QTModule(state_dim=S, act_dim=A, K=K, max_ep_len=K, hidden_size=8, n_layer=1, n_head=2,
                  **options)  # fmt: skip
+
+
+def test_published_dt_acts_as_the_authors_evaluate_episode_rtg():
+    """With rtg_no_q and infer_no_q the policy acts as the authors' DT evaluation loop, written
+    out here for one episode: the last K normalised states, the actions with a zero placeholder
+    for step t, returns-to-go from target / scale less each reward / scale, left zero padding;
+    the first of several targets; the critic never consulted."""
+    import numpy as np
+
+    from qt.acting.policy import QTPolicy
+    from qt.models import QTActor
+
+    class NoCritic(torch.nn.Module):
+        def q_min(self, *args):
+            raise AssertionError("the DT's acting must not read a critic")
+
+    torch.manual_seed(5)
+    Kp, scale, targets = 4, 10.0, [300.0, 150.0]
+    actor = QTActor(S, A, 16, 2, 2, K=Kp, max_ep_len=50, dropout=0.1, scale=scale).eval()
+    mean, std = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([2.0, 1.0, 0.5])
+    policy = QTPolicy(actor, NoCritic(), state_mean=mean, state_std=std, scale=scale,
+                      env_targets=targets, K=Kp, max_ep_len=50, rtg_no_q=True, infer_no_q=True)  # fmt: skip
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(1, S)).astype(np.float32)
+    policy.reset(obs, seeds=[3])
+    states = [(torch.as_tensor(obs[0]) - mean) / std]
+    actions: list[torch.Tensor] = []
+    rewards: list[float] = []
+    rtg = [torch.tensor(targets[0] / scale)]
+    for t in range(7):
+        # the authors' get_action: the last K steps, the newest action and reward zero
+        acts = torch.stack([*actions, torch.zeros(A)])[-Kp:]
+        st = torch.stack(states)[-Kp:]
+        rw = torch.tensor([*rewards, 0.0])[-Kp:]
+        rt = torch.stack(rtg)[-Kp:]
+        ts = torch.arange(t + 1)[-Kp:]
+        n, pad = st.shape[0], Kp - st.shape[0]
+        out = actor(
+            torch.cat([torch.zeros(pad, S), st])[None],
+            torch.cat([torch.zeros(pad, A), acts])[None],
+            torch.cat([torch.zeros(pad), rw])[None, :, None],
+            torch.cat([torch.zeros(pad), rt])[None, :, None],
+            torch.cat([torch.zeros(pad, dtype=torch.long), ts])[None],
+            torch.cat([torch.zeros(pad), torch.ones(n)])[None].long(),
+        )
+        want = out.action_preds[0, -1]
+        got = policy.act()
+        torch.testing.assert_close(torch.as_tensor(got[0]), want, rtol=1e-5, atol=1e-6)
+        reward = float(rng.normal())
+        nxt = rng.normal(size=(1, S)).astype(np.float32)
+        policy.observe(got, [reward], nxt)
+        actions.append(torch.as_tensor(got[0]))
+        rewards.append(reward)
+        rtg.append(rtg[-1] - torch.tensor(reward / scale, dtype=torch.float32))
+        states.append((torch.as_tensor(nxt[0]) - mean) / std)

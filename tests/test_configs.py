@@ -161,7 +161,7 @@ def test_configs_state_only_their_evaluation_numbers_and_inherit_the_rest(
                        "Console", "SaveOnSigterm"]  # fmt: skip
     # the evaluation is base.yaml's with the stated numbers changed, typed out here
     published = {"num_eval_episodes": 10, "test_episodes": 10, "eval_every_n_epochs": 1,
-                 "num_envs": None, "seed": 0, "max_ep_len": None, "task": None,
+                 "num_envs": None, "seed": None, "max_ep_len": None, "task": None,
                  "record_video": False, "video_fps": 30}  # fmt: skip
     assert config["evaluation"] == {**published, **changed}
     # and the trainer gets exactly one Evaluation callback with those numbers

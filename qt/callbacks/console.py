@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from qt.callbacks.evaluation import Evaluation
 from qt.console import STATUS_ENV, say, write_status
+from qt.ui import run_url
 
 # callback metric -> its name on the progress bar
 BAR_METRICS = {
@@ -32,12 +33,6 @@ BAR_METRICS = {
 
 def _format(value: float) -> str:
     return f"{value:.4g}"
-
-
-def _ui_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    base = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
-    # workflowType: MLflow 3's UI otherwise opens on its GenAI (traces) view
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 class Console(L.Callback):
@@ -111,8 +106,11 @@ class Console(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run = self._run(trainer)
         if run is not None:
-            say(trainer, f"run {run['name']}: MLflow run {run['id']} (experiment {run['exp']}, "
-                         f"{run['uri']})")  # fmt: skip
+            say(
+                trainer,
+                f"run {run['name']}: MLflow run {run['id']} (experiment {run['exp']}, "
+                f"{run['uri']})",
+            )
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -131,18 +129,20 @@ class Console(L.Callback):
         if best is not None and best.best_model_score is not None:
             at = [cb.best_iteration for cb in trainer.callbacks if isinstance(cb, Evaluation)]
             where = f" (iteration {at[0]})" if at and at[0] else ""
-            lines.append(f"best      {best.monitor} {_format(float(best.best_model_score))}"
-                         f"{where}: {best.best_model_path}")  # fmt: skip
+            lines.append(
+                f"best      {best.monitor} {_format(float(best.best_model_score))}"
+                f"{where}: {best.best_model_path}"
+            )
         if last:
             resume = f"--ckpt_path run:{run['id']}" if run is not None else "--ckpt_path last"
             lines.append(f"last      {last} (continue with {resume})")
         if run is not None:
             if run["uri"].startswith("http"):
-                lines.append(f"open      {_ui_url(run['uri'], run['exp_id'], run['id'])}")
+                lines.append(f"open      {run_url(run['uri'], run['exp_id'], run['id'])}")
             else:
                 lines.append(
                     f"open      make ui (or mlflow ui --backend-store-uri {run['uri']}), then "
-                    f"{_ui_url(run['uri'], run['exp_id'], run['id'])}"
+                    f"{run_url(run['uri'], run['exp_id'], run['id'])}"
                 )
         if lines:
             say(trainer, "\n".join(lines))
@@ -154,8 +154,13 @@ class Console(L.Callback):
                 client = logger.experiment
                 info = client.get_run(logger.run_id).info
                 exp = client.get_experiment(info.experiment_id)
-                return {"id": info.run_id, "name": info.run_name, "exp": exp.name,
-                        "exp_id": info.experiment_id, "uri": logger._tracking_uri}  # fmt: skip
+                return {
+                    "id": info.run_id,
+                    "name": info.run_name,
+                    "exp": exp.name,
+                    "exp_id": info.experiment_id,
+                    "uri": logger._tracking_uri,
+                }
         return None
 
 

@@ -23,21 +23,30 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run or resume a study file (finished runs are skipped)")
     run.add_argument("study", help="a study file, e.g. configs/studies/maze2d-umaze-cpu.yaml")
     run.add_argument("--backend", choices=("local", "ray"), default="local")
-    run.add_argument("--address", default=None,
-                     help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")  # fmt: skip
+    run.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)",
+    )
     run.add_argument("--workers", type=int, default=None, help="override the file's workers")
-    run.add_argument("--seeds", type=int, nargs="+", default=None,
-                     help="run only these of the file's seeds (the rest on other machines; "
-                          "then `merge`)")  # fmt: skip
-    run.add_argument("--check", action="store_true",
-                     help="validate the study file with cli.py's parser and stop")  # fmt: skip
+    run.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run only these of the file's seeds (the rest on other machines; then `merge`)",
+    )
+    run.add_argument(
+        "--check", action="store_true", help="validate the study file with cli.py's parser and stop"
+    )
     rep = sub.add_parser("report", help="write the report of a study from MLflow")
     rep.add_argument("name", help="the study's name")
     rep.add_argument("--save-dir", default="runs", help="the study's save_dir (default: runs)")
     rep.add_argument("--results", default=None, help="default: the study file's (results)")
     merge = sub.add_parser(
-        "merge", help="copy a study's finished runs from another machine's MLflow store into this one"
-    )  # fmt: skip
+        "merge",
+        help="copy a study's finished runs from another machine's MLflow store into this one",
+    )
     merge.add_argument("name", help="the study's name (it must have run here, on any seeds)")
     merge.add_argument("source", help="the other store: its mlflow.db file, or a tracking URI")
     merge.add_argument("--save-dir", default="runs", help="this study's save_dir (default: runs)")
@@ -59,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_study(study, args.backend, args.address)
     if args.command == "merge":
         n = merge_study(args.name, args.source, args.save_dir)
-        print(f"[study] {args.name}: copied {n['copied']} jobs from {args.source} "
-              f"({n['here']} were done here already, {n['absent']} are done on neither"
-              f"{_other(n['other'])}); "
-              f"`python -m qt.study report {args.name}` reports them.", flush=True)  # fmt: skip
+        print(
+            f"[study] {args.name}: copied {n['copied']} jobs from {args.source} "
+            f"({n['here']} were done here already, {n['absent']} are done on neither"
+            f"{_other(n['other'])}); "
+            f"`python -m qt.study report {args.name}` reports them.",
+            flush=True,
+        )
         return 0
     study = study_from_store(args.name, args.save_dir, args.results)
     result, path = report(study)

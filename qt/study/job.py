@@ -13,7 +13,8 @@ import json
 import os
 import signal
 import sys
-from pathlib import Path
+
+from qt.checkpointing import best_checkpoint, checkpoint_dir
 
 
 def _die_with_parent(parent: int) -> None:
@@ -26,13 +27,6 @@ def _die_with_parent(parent: int) -> None:
         sys.exit(143)
 
 
-def best_checkpoint(save_dir: str, experiment_id: str, run_id: str) -> Path:
-    ckpts = list((Path(save_dir) / experiment_id / run_id / "checkpoints").glob("best-*.ckpt"))
-    if not ckpts:
-        raise SystemExit(f"error: fit run {run_id} left no best-*.ckpt under {save_dir}.")
-    return max(ckpts, key=lambda p: p.stat().st_mtime)  # the newest best replaces the older
-
-
 def run(spec: dict) -> int:
     # qt.cli (torch, Lightning: seconds) is imported once the process would die with its
     # parent (_die_with_parent), so that a study killed meanwhile leaves no orphan fit
@@ -41,29 +35,52 @@ def run(spec: dict) -> int:
     from qt import cli
 
     torch.set_num_threads(spec["threads"])
-    print(f"[job] threads: torch {torch.get_num_threads()}, OMP_NUM_THREADS "
-          f"{os.environ.get('OMP_NUM_THREADS')}, MKL_NUM_THREADS {os.environ.get('MKL_NUM_THREADS')}",
-          flush=True)  # fmt: skip
+    print(
+        f"[job] threads: torch {torch.get_num_threads()}, OMP_NUM_THREADS "
+        f"{os.environ.get('OMP_NUM_THREADS')}, MKL_NUM_THREADS {os.environ.get('MKL_NUM_THREADS')}",
+        flush=True,
+    )
 
     logger = "--trainer.logger.init_args."
     common = [f"{logger}experiment_name", spec["experiment"], f"{logger}save_dir", spec["save_dir"]]
     tags = dict(spec["tags"])
     fit_run = spec.get("fit_run_id")
     if not spec.get("fit_finished"):
-        argv = ["fit", *spec["fit_args"], "--seed_everything", str(spec["seed"]), *common,
-                f"{logger}run_name", spec["run_name"],
-                f"{logger}tags", json.dumps({**tags, "qt.study.kind": "fit"})]  # fmt: skip
+        argv = [
+            "fit",
+            *spec["fit_args"],
+            "--seed_everything",
+            str(spec["seed"]),
+            *common,
+            f"{logger}run_name",
+            spec["run_name"],
+            f"{logger}tags",
+            json.dumps({**tags, "qt.study.kind": "fit"}),
+        ]
         if spec.get("resume"):
             argv += ["--ckpt_path", f"run:{fit_run}"]  # qt.cli checks it is this configuration
             print(f"[job] resuming fit run {fit_run} from {spec['resume']}", flush=True)
         fit = cli.main(argv)
         fit_run = fit.trainer.logger.run_id
     experiment_id = spec["experiment_id"]
-    best = best_checkpoint(spec["save_dir"], experiment_id, fit_run)
-    argv = ["test", *spec["fit_args"], "--seed_everything", str(spec["seed"]), *common,
-            f"{logger}run_name", spec["run_name"] + "-test",
-            f"{logger}tags", json.dumps({**tags, "qt.study.kind": "test", "qt.study.fit_run": fit_run}),
-            "--ckpt_path", str(best), "--episodes", str(spec["test_episodes"])]  # fmt: skip
+    best = best_checkpoint(checkpoint_dir(spec["save_dir"], experiment_id, fit_run))
+    if best is None:
+        raise SystemExit(f"error: fit run {fit_run} left no best-*.ckpt under {spec['save_dir']}.")
+    argv = [
+        "test",
+        *spec["fit_args"],
+        "--seed_everything",
+        str(spec["seed"]),
+        *common,
+        f"{logger}run_name",
+        spec["run_name"] + "-test",
+        f"{logger}tags",
+        json.dumps({**tags, "qt.study.kind": "test", "qt.study.fit_run": fit_run}),
+        "--ckpt_path",
+        str(best),
+        "--episodes",
+        str(spec["test_episodes"]),
+    ]
     cli.main(argv)
     return 0
 

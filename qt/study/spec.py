@@ -104,9 +104,6 @@ class Study:
     def experiment(self) -> str:
         return f"study-{self.name}"
 
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("name", *(k for k in KEYS if k != "name"))}
-
     def select_seeds(self, seeds: list[int]) -> None:
         """Run only `seeds` here; the study (its jobs, keys and report) stays the whole file's."""
         strangers = [s for s in seeds if s not in self.seeds]
