@@ -85,7 +85,8 @@ class QTArgumentParser(LightningArgumentParser):
         if not self.exit_on_error:
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
-        parser_error(parser.prog, message)
+        # `python -m qt fit` is the `qt` command; argparse would call it `__main__.py`
+        parser_error(parser.prog.replace("__main__.py", "qt"), message)
 
 
 # the least free space a fit starts with: the store, a few checkpoints and plots
