@@ -24,6 +24,7 @@ import hashlib
 import math
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -176,6 +177,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:  # a full disk: torch's "enforce fail" or ENOSPC
+            tmp.unlink(missing_ok=True)
+            text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(err).strip())
+            why = text.splitlines()[-1][:160] if text else type(err).__name__
+            raise CheckpointError(
+                f"Could not write checkpoint {path} ({why}): is the disk full or read-only? "
+                "The previous checkpoint is kept; free some space, then resume with "
+                "--ckpt_path last."
+            ) from err
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -207,15 +217,10 @@ def load_checkpoint(
         raise CheckpointError(f"Checkpoint {path} does not exist: expected a .ckpt file there.")
     try:
         loaded = torch.load(path, map_location=map_location, weights_only=weights_only is not False)
-    except (
-        OSError,
-        RuntimeError,
-        EOFError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        ValueError,
-    ) as err:
-        if isinstance(err, pickle.UnpicklingError):
+    except Exception as err:  # a text file ends in KeyError, others in anything pickle meets
+        if not zipfile.is_zipfile(path):  # torch's own text here can be a bare `101`
+            why = "it is not a zip archive as torch writes them"
+        elif isinstance(err, pickle.UnpicklingError):
             # torch's text here suggests weights_only=False, which would run the file's code
             why = "its contents are not plain tensors and containers, or are corrupt"
         else:

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -26,11 +25,12 @@ import mlflow
 import yaml
 
 from qt.checkpointing import best_checkpoint, checkpoint_dir
-from qt.console import quiet
+from qt.console import STATUS_ENV, quiet, status_line
 from qt.data.paths import hdf5_dir
 from qt.data.readers import read_d4rl_hdf5
 from qt.data.store import TrajectoryStore
 from qt.datagen import make
+from qt.errors import ArgumentParser
 from qt.runtime import start_module
 from qt.tasks import get_task
 from qt.tracking import default_tracking_uri
@@ -58,13 +58,31 @@ def _ensure_dataset(steps: int | None) -> Path:
 
 
 def _launch(name: str, args: list[str], log: Path) -> subprocess.Popen:
-    """`qt ARGS` in a process of its own, one thread, its output in `log` (started afresh)."""
+    """`qt ARGS` in a process of its own, one thread, its output in `log` (started afresh), its
+    progress in `_status_file(log)` (which `_wait` shows)."""
     print(f"[demo] {name}: qt {' '.join(args)}  (log: {log})", flush=True)
     log.unlink(missing_ok=True)
-    return start_module(["qt", *args], log, threads=1, cwd=ROOT)
+    _status_file(log).unlink(missing_ok=True)
+    status = {STATUS_ENV: str(_status_file(log))}
+    return start_module(["qt", *args], log, threads=1, cwd=ROOT, extra_env=status)
 
 
-def _wait(procs: dict[str, tuple[subprocess.Popen, Path]]) -> None:
+def _status_file(log: Path) -> Path:
+    return log.with_suffix(".status.json")
+
+
+def _wait(procs: dict[str, tuple[subprocess.Popen, Path]], every: float = 15.0) -> None:
+    """Wait for the processes, showing each running fit's progress every `every` seconds
+    (iteration, step, rate, time left, latest score: `qt.console.status_line`)."""
+    shown = time.monotonic()
+    while any(proc.poll() is None for proc, _ in procs.values()):
+        time.sleep(0.5)
+        if time.monotonic() - shown < every:
+            continue
+        shown = time.monotonic()
+        for name, (proc, log) in procs.items():
+            line = status_line(_status_file(log)) if proc.poll() is None else "done"
+            print(f"[demo] {name}: {line or 'starting'}", flush=True)
     failed = []
     for name, (proc, log) in procs.items():
         if proc.wait() != 0:
@@ -93,7 +111,7 @@ def _best_checkpoint(run) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qt.demo", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m qt.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset-steps", type=int, default=None, help="default: D4RL's size")
     parser.add_argument("--epochs", type=int, default=None, help="default: configs/demo.yaml")
     parser.add_argument("--steps-per-epoch", type=int, default=None)

@@ -28,7 +28,6 @@ The numbers go to stdout as a table and, with `--json`, to a file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ from qt.data.readers import Trajectories, read_task
 from qt.data.sampler import gather_segments
 from qt.data.store import TrajectoryStore
 from qt.envs import make_env
-from qt.errors import UserError, report
+from qt.errors import ArgumentParser, UserError, report
 from qt.module import QTModule
 from qt.tasks import get_task
 
@@ -281,9 +280,7 @@ def format_report(name: str, report: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m qt.diagnostics", description=__doc__.split("\n\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m qt.diagnostics", description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpts", nargs="+", help="checkpoints (.ckpt) of one task")
     parser.add_argument("--task", required=True, help="the qt task name, e.g. maze2d-umaze-v1")
     parser.add_argument("--data", default=None, help="dataset path (as --data.path of a fit)")

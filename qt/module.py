@@ -120,6 +120,7 @@ class QTModule(L.LightningModule):
             lambda_=lambda_,
             discount=discount,
             num_candidates=num_candidates,
+            eta=eta,
         )
         _check_recipe(
             eta=eta,
@@ -442,6 +443,11 @@ def _check_hparams(**values) -> None:
     for name in ("scale", "learning_rate", "critic_lr", "lambda_"):
         if not values[name] > 0:
             raise UserError(f"model.{name}={values[name]!r}: expected a number > 0.")
+    if not values["eta"] >= 0:  # NaN fails too
+        raise UserError(
+            f"model.eta={values['eta']!r}: expected a number >= 0 (the weight of the Q term "
+            "in the actor's loss; 0 leaves it out)."
+        )
     if not 0.0 <= values["dropout"] < 1.0:
         raise UserError(f"model.dropout={values['dropout']!r}: expected a number in [0, 1).")
     if not 0.0 <= values["discount"] <= 1.0:

@@ -40,13 +40,17 @@ def keep_freed_memory() -> bool:
 
 
 def start_module(
-    args: list[str], log: str | os.PathLike, threads: int, cwd: str | os.PathLike | None = None
+    args: list[str],
+    log: str | os.PathLike,
+    threads: int,
+    cwd: str | os.PathLike | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """Start `python -m ARGS` (this interpreter), its stdout and stderr appended to `log`.
 
     torch, OpenMP, MKL and OpenBLAS get `threads` threads each (side-by-side processes must
     not each take every core); output is unbuffered, so the log is current; matplotlib draws
-    off-screen.
+    off-screen; `extra_env` adds variables of its own (a fit's QT_STATUS_FILE).
     """
     n = str(threads)
     env = dict(
@@ -56,6 +60,7 @@ def start_module(
         OPENBLAS_NUM_THREADS=n,
         PYTHONUNBUFFERED="1",
         MPLBACKEND="Agg",
+        **(extra_env or {}),
     )
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as handle:  # the child keeps its own copy of the descriptor

@@ -251,14 +251,41 @@ LEGACY_LABELS = {"qt-no-q": "dt"}
 
 
 def variant_label(model: dict) -> str:
-    """What a model is (docs/baselines.md): `dt`, the Decision Transformer as published (no
-    critic trained: `train_critic` false); `qt-no-q`, QT's trainer without Q (eta 0, and no Q in
-    the return-to-go targets or in acting: rtg_no_q, infer_no_q); else `qt`."""
+    """What a model is, from what its settings do (docs/baselines.md): `dt`, the Decision
+    Transformer as published (no critic trained: `train_critic` false); `qt`, Q in all three
+    places QT puts it (the actor's loss: eta > 0; the return-to-go targets: not rtg_no_q;
+    acting: not infer_no_q); `qt-no-q`, Q in none of them; else `qt-no-q-` and the places
+    without it, e.g. `qt-no-q-loss-rtg` for eta 0 and rtg_no_q with Q still used in acting."""
     if not model.get("train_critic", True):
         return "dt"
-    if float(model.get("eta", 1.0)) == 0.0 and model.get("rtg_no_q") and model.get("infer_no_q"):
-        return "qt-no-q"
-    return "qt"
+    without = [
+        place
+        for place, off in (
+            ("loss", float(model.get("eta", 1.0)) == 0.0),
+            ("rtg", bool(model.get("rtg_no_q"))),
+            ("acting", bool(model.get("infer_no_q"))),
+        )
+        if off
+    ]
+    if not without:
+        return "qt"
+    return "qt-no-q" if len(without) == 3 else "qt-no-q-" + "-".join(without)
+
+
+# short forms of task names in run names, so the MLflow runs table shows the seed
+_SHORT_TASK = (("maze2d-", "m2d-"), ("antmaze-", "ant-"), ("halfcheetah-", "cheetah-"),
+               ("walker2d-", "walker-"), ("medium-replay", "mr"), ("medium-expert", "me"))  # fmt: skip
+
+
+def run_name(task: str, seed: object, model: dict, kind: str = "") -> str:
+    """A run's name, short enough for the runs table: `m2d-umaze/qt/s123` (task without its
+    version, variant, seed); `kind` adds a suffix (`/test` for a test run)."""
+    import re
+
+    short = re.sub(r"-v\d+$", "", str(task))
+    for long, abbrev in _SHORT_TASK:
+        short = short.replace(long, abbrev)
+    return f"{short}/{variant_label(model)}/s{seed}" + (f"/{kind}" if kind else "")
 
 
 def _variant_hash(model: dict) -> str:
@@ -280,7 +307,9 @@ def variant_id(model: dict) -> str:
 
 def legacy_variant_ids(model: dict) -> list[str]:
     """The ids the same model had under the labels' earlier names (`dt-<hash>` for `qt-no-q`)."""
-    old = LEGACY_LABELS.get(variant_label(model))
+    label = variant_label(model)
+    # labels named by what the model does; these models were `qt` before
+    old = LEGACY_LABELS.get(label, "qt" if label.startswith("qt-no-q-") else None)
     return [] if old is None else [f"{old}-{_variant_hash(model)}"]
 
 

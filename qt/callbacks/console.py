@@ -1,16 +1,24 @@
 """What a fit says on the console: losses and the latest and best evaluation score on the
 progress bar, one line per evaluation (written by `Evaluation` through `qt.console.say`), and at
 the end the run, its best score and checkpoint, and how to open it in the MLflow UI.
+
+When `QT_STATUS_FILE` names a file (the demo and a study set it for each fit they start, whose
+console goes to a log), the fit also keeps its progress there, at most every few seconds:
+iteration, step, rate, and latest and best score; `qt.console.status_line` reads it.
 """
 
 from __future__ import annotations
+
+import math
+import os
+import time
 
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from qt.callbacks.evaluation import Evaluation
-from qt.console import say
+from qt.console import STATUS_ENV, say, write_status
 from qt.ui import run_url
 
 # callback metric -> its name on the progress bar
@@ -29,6 +37,56 @@ def _format(value: float) -> str:
 
 class Console(L.Callback):
     """The progress bar's metrics, the run's first line and its closing summary (rank 0)."""
+
+    STATUS_EVERY_S = 2.0
+
+    def __init__(self) -> None:
+        self._status_path = os.environ.get(STATUS_ENV) or None
+        self._status_t = 0.0
+        self._start: tuple[float, int] | None = None  # (time, step) this process began at
+
+    def _write_status(self, trainer: L.Trainer, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._status_path is None or (not force and now - self._status_t < self.STATUS_EVERY_S):
+            return
+        self._status_t = now
+        if not math.isfinite(trainer.num_training_batches):  # an unbounded iteration
+            return
+        per_iter = int(trainer.num_training_batches)
+        step = int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
+        if self._start is None:
+            self._start = (now, step)
+        t0, step0 = self._start
+        rate = (step - step0) / (now - t0) if now > t0 and step > step0 else None
+        score = best = None
+        for cb in trainer.callbacks:
+            if isinstance(cb, Evaluation) and cb.best_iteration:
+                metrics = trainer.callback_metrics
+                score = metrics.get("eval/normalized_score")
+                best = metrics.get("eval/best_normalized_score")
+        try:
+            write_status(self._status_path, {
+                "iteration": min(trainer.current_epoch + 1, trainer.max_epochs),
+                "iterations": trainer.max_epochs, "step": step,
+                "steps": per_iter * trainer.max_epochs, "rate": rate,
+                "score": None if score is None else float(score),
+                "best": None if best is None else float(best),
+            })  # fmt: skip
+        except OSError:  # progress is a courtesy: never stop a fit for it
+            self._status_path = None
+
+    @rank_zero_only
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = None
+        self._write_status(trainer, force=True)
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._write_status(trainer)
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write_status(trainer, force=True)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         bar = trainer.progress_bar_callback

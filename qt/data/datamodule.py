@@ -100,6 +100,12 @@ class QTDataModule(L.LightningDataModule):
             store = TrajectoryStore(
                 traj, scale=self._task.scale, reward_tune=self.reward_tune, pct_traj=self.pct_traj
             )
+            longest = int(store.lengths[store.sample_trajs].max())
+            if self.K > longest:  # every window would be padding past the episode's end
+                raise UserError(
+                    f"data.K={self.K}: the longest trajectory of {traj.source} has {longest} "
+                    f"steps: expected K <= {longest}, a context that fits in an episode."
+                )
             if self.full_windows_only:
                 check_full_windows(store, self.K, traj.source)
             # keep the store only: the raw arrays would double the dataset's memory

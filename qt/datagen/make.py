@@ -30,7 +30,7 @@ from qt.datagen import maze2d
 from qt.datagen.generated import GeneratedDataset, arrays_digest
 from qt.datagen.maze2d import D4RL_STEPS, parse_name
 from qt.datagen.writers import episode_bounds, write_dataset
-from qt.errors import UserError, report
+from qt.errors import ArgumentParser, UserError, report
 from qt.tasks import get_task
 
 LOCOMOTION = ("hopper", "halfcheetah", "walker2d")
@@ -250,7 +250,7 @@ def _say(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m qt.datagen",
         description=__doc__.split("\n")[0],
         epilog=LOCOMOTION_HELP,

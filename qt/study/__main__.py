@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from qt.console import quiet
+from qt.errors import ArgumentParser
 from qt.study.merge import merge as merge_study
 from qt.study.report import report
 from qt.study.runner import run as run_study
@@ -15,7 +15,7 @@ from qt.study.store import study_from_store
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m qt.study",
         description="Run a study of tasks x variants x seeds and report it with rliable.",
     )

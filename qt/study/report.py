@@ -227,7 +227,13 @@ class Report:
                 if (task, variant) not in self.curves:
                     continue
                 x, mean, lo, hi = self.curves[task, variant]
-                (line,) = ax.plot(x, mean, marker="o", ms=3, label=variant)
+                # a marker and a dash pattern of its own, so a curve that lies on another's
+                # (two variants that score the same) still shows through it
+                i = list(self.study.variants).index(variant)
+                (line,) = ax.plot(
+                    x, mean, marker=MARKERS[i % len(MARKERS)], ms=4 + 1.5 * (i % 3),
+                    ls=DASHES[i % len(DASHES)], mfc="none" if i % 2 else None, label=variant,
+                )  # fmt: skip
                 ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
             ax.set_title(task)
             ax.set_xlabel("training steps")
@@ -257,8 +263,10 @@ class Report:
                         i, a["hi"] - a["lo"], left=a["lo"], height=0.6, color=f"C{i}", alpha=0.6
                     )
                     ax.vlines(a["value"], i - 0.3, i + 0.3, color="k", lw=1.5)
+                    ax.plot(a["value"], i, marker=MARKERS[i % len(MARKERS)], color="k", ms=4)
                 ax.set_yticks(range(len(variants)), variants)
                 ax.set_ylim(-0.6, len(variants) - 0.4)
+                _readable_x(ax)
                 ax.set_title(f"{stat}: {SCORES[k]}", fontsize=9)
                 ax.grid(axis="x", alpha=0.3)
         fig.supxlabel(
@@ -267,6 +275,25 @@ class Report:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P")
+DASHES = ("-", "--", ":", "-.")
+MIN_SPAN = 10.0  # normalised-score points: the narrowest x range a panel shows
+
+
+def _readable_x(ax) -> None:
+    """At most five x ticks with whole-number labels, over a range at least MIN_SPAN wide: a
+    panel whose intervals are all one value (every seed scored the same) would otherwise get
+    ticks a quarter point apart whose labels run into each other."""
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+
+    lo, hi = ax.get_xlim()
+    if hi - lo < MIN_SPAN:
+        mid = (lo + hi) / 2
+        ax.set_xlim(mid - MIN_SPAN / 2, mid + MIN_SPAN / 2)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
 
 
 def _fmt(d: dict, key: str) -> str:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from qt.checkpointing import LAST, checkpoint_dir
+from qt.console import STATUS_ENV, status_line
 from qt.runtime import start_module
 from qt.study import store
 from qt.study.report import report
@@ -33,7 +34,9 @@ def _say(message: str) -> None:
 def _start(spec: dict, log: str, cwd: str) -> subprocess.Popen:
     """One job's process (qt.study.job), dying with this one."""
     spec = dict(spec, parent_pid=os.getpid())
-    return start_module(["qt.study.job", json.dumps(spec)], log, spec["threads"], cwd)
+    Path(_status_file(log)).unlink(missing_ok=True)
+    status = {STATUS_ENV: _status_file(log)}  # the fit's progress, which `_local` shows
+    return start_module(["qt.study.job", json.dumps(spec)], log, spec["threads"], cwd, status)
 
 
 def run_job_process(spec: dict, cwd: str, log: str) -> tuple[int, float]:
@@ -134,6 +137,13 @@ class Progress:
         return True
 
 
+STATUS_EVERY_S = 30.0  # how often the local backend shows its running fits' progress
+
+
+def _status_file(log: str) -> str:
+    return str(Path(log).with_suffix(".status.json"))
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -143,12 +153,18 @@ def _local(study, todo, specs, logs, progress, exp_id) -> int:
     pending = list(range(len(todo)))
     running: dict[int, tuple[subprocess.Popen, float]] = {}
     failed = 0
+    shown = time.monotonic()
     try:
         while pending or running:
             while pending and len(running) < study.workers:
                 i = pending.pop(0)
                 running[i] = (_start(specs[i], logs[i], os.getcwd()), time.perf_counter())
             time.sleep(0.2)
+            if time.monotonic() - shown >= STATUS_EVERY_S:  # each running fit's progress
+                shown = time.monotonic()
+                for i in running:
+                    line = status_line(_status_file(logs[i]))
+                    _say(f"{todo[i].job.label}: {line or 'starting'}")
             for i, (proc, t0) in list(running.items()):
                 if proc.poll() is None:
                     continue

@@ -311,6 +311,6 @@ def parse_fit(args: list[str], where: str) -> Namespace:
         text = err.getvalue()
         message = text.rsplit("error:", 1)[-1] if "error:" in text else text
         lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-        reason = " ".join(lines[:2]).rstrip(".") or "rejected"
+        reason = " ".join(lines[:2]).split("; `", 1)[0].rstrip(".") or "rejected"
         raise StudyError(f"{where}: `cli.py fit` rejects the overrides: {reason}.") from None
     return dict_to_namespace(config)
