@@ -22,6 +22,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import CatMetric
 
+from qt.acting.episodes import run_episodes
+from qt.acting.policy import QTPolicy
 from qt.console import say
 from qt.envs import make_env
 from qt.errors import UserError
@@ -78,9 +80,7 @@ class EvalSummary:
 
 def record_episode(policy, task: str, seed: int, path: Path, fps: int = 30) -> int:
     """Play episode `seed` in a rendering environment and write its frames as an MP4."""
-    import imageio.v2 as imageio
-
-    from qt.acting.episodes import run_episodes
+    import imageio.v2 as imageio  # optional: pip install 'qt[video]'
 
     envs: list = []
     frames: list = []
@@ -133,8 +133,11 @@ class Evaluation(L.Callback):
         record_video: bool = False,
         video_fps: int = 30,
     ) -> None:
-        for name, v in (("num_eval_episodes", num_eval_episodes), ("test_episodes", test_episodes),
-                        ("eval_every_n_epochs", eval_every_n_epochs)):  # fmt: skip
+        for name, v in (
+            ("num_eval_episodes", num_eval_episodes),
+            ("test_episodes", test_episodes),
+            ("eval_every_n_epochs", eval_every_n_epochs),
+        ):
             if v < 1:
                 raise UserError(f"Evaluation.{name}={v}: expected a whole number >= 1.")
         self.num_eval_episodes = num_eval_episodes
@@ -228,8 +231,6 @@ class Evaluation(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, seeds: list[int]
     ) -> EvalSummary:
         """Run this rank's share of the episodes and gather every rank's results."""
-        from qt.acting.episodes import run_episodes  # acting code is loaded only when it acts
-
         task_name = self._task_name(trainer)
         ref_min, ref_max = self._ref_scores(task_name)
         mine = seeds[trainer.global_rank :: trainer.world_size]
@@ -252,25 +253,9 @@ class Evaluation(L.Callback):
         self.last_summary = summary
         return summary
 
-    def _policy(self, trainer: L.Trainer, pl_module: L.LightningModule):
-        from qt.acting.policy import QTPolicy
-
-        hp = pl_module.hparams
-        # a module built without the data's facts acts with the registry's targets
-        targets = hp.env_targets or get_task(self._task_name(trainer)).env_targets
-        return QTPolicy(
-            pl_module.actor,
-            pl_module.critic_target,  # the target critic scores actions (docs/algorithm.md §4)
-            state_mean=pl_module.state_mean,
-            state_std=pl_module.state_std,
-            scale=hp.scale,
-            env_targets=list(targets),
-            K=hp.K,
-            max_ep_len=self.max_ep_len or hp.max_ep_len,
-            num_candidates=hp.num_candidates,
-            rtg_no_q=hp.rtg_no_q,
-            infer_no_q=hp.infer_no_q,
-            device=pl_module.device,
+    def _policy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> QTPolicy:
+        return QTPolicy.from_module(
+            pl_module, self._task_name(trainer), self.max_ep_len, device=pl_module.device
         )
 
     def _video(self, trainer: L.Trainer, pl_module: L.LightningModule, seed: int, name: str):
@@ -285,8 +270,13 @@ class Evaluation(L.Callback):
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"{name}.mp4"
-                record_episode(self._policy(trainer, pl_module), self._task_name(trainer), seed,
-                               path, fps=self.video_fps)  # fmt: skip
+                record_episode(
+                    self._policy(trainer, pl_module),
+                    self._task_name(trainer),
+                    seed,
+                    path,
+                    fps=self.video_fps,
+                )
                 logger.experiment.log_artifact(logger.run_id, str(path), "videos")
         except Exception as err:  # no offscreen GL, no imageio/ffmpeg, ...
             self.record_video = False

@@ -15,6 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
+from qt.checkpointing import best_checkpoint, checkpoint_dir
+
 
 def _die_with_parent(parent: int) -> None:
     """SIGTERM when the study process dies (even by SIGKILL): the fit saves last.ckpt and stops."""
@@ -24,13 +26,6 @@ def _die_with_parent(parent: int) -> None:
         return
     if parent and os.getppid() != parent:  # the parent died before prctl
         sys.exit(143)
-
-
-def best_checkpoint(save_dir: str, experiment_id: str, run_id: str) -> Path:
-    ckpts = list((Path(save_dir) / experiment_id / run_id / "checkpoints").glob("best-*.ckpt"))
-    if not ckpts:
-        raise SystemExit(f"error: fit run {run_id} left no best-*.ckpt under {save_dir}.")
-    return max(ckpts, key=lambda p: p.stat().st_mtime)  # the newest best replaces the older
 
 
 def _threads(spec: dict) -> None:
@@ -60,7 +55,9 @@ def test_fit(spec: dict, fit_run: str) -> None:
     """`qt test` of the best checkpoint of fit run `fit_run`, in the job's test run."""
     from qt import cli
 
-    best = best_checkpoint(spec["save_dir"], spec["experiment_id"], fit_run)
+    best = best_checkpoint(checkpoint_dir(spec["save_dir"], spec["experiment_id"], fit_run))
+    if best is None:
+        raise SystemExit(f"error: fit run {fit_run} left no best-*.ckpt under {spec['save_dir']}.")
     tags = {**spec["tags"], "qt.study.kind": "test", "qt.study.fit_run": fit_run}
     argv = ["test", *spec["fit_args"], "--seed_everything", str(spec["seed"]), *_common(spec),
             f"{_LOGGER}run_name", spec["run_name"] + "-test", f"{_LOGGER}tags", json.dumps(tags),

@@ -424,7 +424,7 @@ def test_the_ray_backend_gives_the_same_report(tmp_path, data, uninterrupted):
         ({"tasks": {"maze2d-umaz-v1": None}}, r"Unknown task 'maze2d-umaz-v1'"),
         ({"variant": {"qt": {}}}, r"unknown key 'variant'; expected one of name, config"),
         ({"variants": {"dt": {"model.etaa": 0}}}, r"variant 'dt'.*rejects the overrides: unrecognized arguments: --model.etaa 0"),
-        ({"variants": {"dt": {"model.eta": "abc"}}}, r"rejects the overrides: Parser key \"model.eta\""),
+        ({"variants": {"dt": {"model.eta": "abc"}}}, r"rejects the overrides: --model\.eta abc: expected a number\.$"),
         ({"overrides": {"seed_everything": 3}}, r"shared overrides: override 'seed_everything' is set by the study itself"),
         ({"seeds": [1, 1]}, r"study key 'seeds': expected a list of distinct whole numbers"),
         ({"workers": 0}, r"study key 'workers': expected a whole number >= 1"),
