@@ -240,6 +240,51 @@ def profile(size: str, fits: int, compile: bool, store) -> str:
     )
 
 
+def compare_vmap(size: str, fits: int, store, repeats: int = 3) -> str:
+    """The design choice, measured: the actor's forward and backward for `fits` members as
+    batched layers (`qt.pack.functional`) against `torch.func.functional_call` of QTActor under
+    `vmap` over stacked parameters (dropout 0: vmap has no per-member stream), eager, alternated."""
+    from torch.func import functional_call, stack_module_state
+
+    from qt.pack import functional as PF
+
+    hp = hparams(size, store) | dict(dropout=0.0, embed_dropout=0.0)
+    actors = []
+    for seed in range(fits):
+        torch.manual_seed(seed)
+        actors.append(QTModule(**hp).actor)
+    params, _ = stack_module_state(actors)
+    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    b = stacked_batches(size, fits, store)[0]
+    arch = dict(n_layer=hp["n_layer"], n_head=hp["n_head"], sar=False, scale=1000.0,
+                dropout=0.0, embed_dropout=0.0, keys=None)  # fmt: skip
+    base = actors[0]
+
+    def batched():
+        out = PF.actor_forward(params, b.states, b.actions, b.rewards, b.rtg[:, :, :-1],
+                               b.timesteps, b.mask, **arch)[1]  # fmt: skip
+        torch.autograd.grad(out.square().sum(), list(params.values()), allow_unused=True)
+
+    def one(p, s, a, r, g, t, m):
+        return functional_call(base, p, (s, a, r, g, t, m)).action_preds
+
+    def vmapped():
+        out = torch.vmap(one)(params, b.states, b.actions, b.rewards, b.rtg[:, :, :-1],
+                              b.timesteps, b.mask)  # fmt: skip
+        torch.autograd.grad(out.square().sum(), list(params.values()), allow_unused=True)
+
+    times = {"batched layers": [], "vmap(functional_call)": []}
+    for _ in range(repeats):
+        for name, fn in (("batched layers", batched), ("vmap(functional_call)", vmapped)):
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    rows = [(name, f"{1e3 * min(t):.0f}") for name, t in times.items()]
+    return (f"actor forward+backward, {fits} members, {size}, eager, {torch.get_num_threads()} "
+            f"threads (best of {repeats}, alternated)\n") + table(rows, ("layers", "ms"))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench pack")
     parser.add_argument("--size", choices=sorted(SIZES), action="append", help="(default: both)")
@@ -249,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="width64 only, few steps")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compare-vmap", action="store_true", help="batched layers vs vmap")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--device", default=os.environ.get("QT_BENCH_DEVICE", "cpu"))
@@ -260,6 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     keep_freed_memory()
     store = synthetic_store("hopper-medium-v2", trajectories=300)
     cores = os.cpu_count() or 1
+    if args.compare_vmap:
+        for size in sizes:
+            print(compare_vmap(size, args.fits, store), flush=True)
+        return
     if args.profile:
         for size in sizes:
             for compiled in [True, False] if args.compile else [False]:

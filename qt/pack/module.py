@@ -627,9 +627,8 @@ def _arch(cfg: _Config) -> dict:
 class PackedStep:
     """QTModule's training step for N members, updating the state in place.
 
-    Four pure pieces, each compiled on its own when `compile` (forward and backward of the
-    losses through AOTAutograd, the clipped Adam update as one fused kernel set): the targets,
-    the critic loss, the actor loss, the update. Gradients come from torch.autograd.grad of the
+    Pure pieces: the targets, the critic loss, the actor loss (each compiled on its own when
+    `compile`, forward and backward through AOTAutograd), and the clipped Adam update (eager). Gradients come from torch.autograd.grad of the
     summed per-member losses (a member's gradient is its own loss's: no term couples members).
     """
 
@@ -642,11 +641,10 @@ class PackedStep:
             "critic_update": _clip_and_adam,
             "actor_update": functools.partial(_clip_and_adam, idle=cfg.idle),
         }
-        if compile:
+        if compile:  # the update stays eager: a few hundred small ops (~ms), many kernels
             mode = compile_mode(cfg.device_type)
-            parts = {
-                name: torch.compile(fn, dynamic=False, mode=mode) for name, fn in parts.items()
-            }
+            for name in ("targets", "critic_loss", "actor_loss"):
+                parts[name] = torch.compile(parts[name], dynamic=False, mode=mode)
         self.parts = parts
 
     def __call__(self, st, batch, inp, eta2, eta, active):
