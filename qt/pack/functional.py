@@ -152,7 +152,8 @@ def actor_forward(
     return state_preds, action_preds, reward_preds
 
 
-def _q_mlp(p: Params, prefix: str, x: torch.Tensor) -> torch.Tensor:
+def q_mlp(p: Params, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """One of the twin Q networks (`prefix` q1_model or q2_model) on x (N, ..., S + A)."""
     for j in (0, 2, 4):
         x = F.mish(linear(x, p[f"{prefix}.{j}.weight"], p[f"{prefix}.{j}.bias"]))
     return linear(x, p[f"{prefix}.6.weight"], p[f"{prefix}.6.bias"])
@@ -163,4 +164,4 @@ def critic_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`TwinCritic.forward` for N members: (N, ..., S), (N, ..., A) -> q1, q2 (N, ..., 1)."""
     x = torch.cat([state, action], dim=-1)
-    return _q_mlp(p, "q1_model", x), _q_mlp(p, "q2_model", x)
+    return q_mlp(p, "q1_model", x), q_mlp(p, "q2_model", x)

@@ -596,9 +596,24 @@ def _actor_loss(ap, critic, batch, rewards, keys, coin, eta2, eta, *, cfg: _Conf
             ap, batch.states, batch.actions, rewards, batch.rtg[:, :, :-1],
             batch.timesteps, batch.mask, keys=keys, **_arch(cfg),
         )  # fmt: skip
-        q1, q2 = PF.critic_forward(critic, batch.states, action_preds)
+        # the Q term's numerator is Q1 or Q2 by the member's coin, its denominator the other,
+        # detached: pick each member's networks by the coin, so that only the numerator's
+        # network is differentiated (as QTModule's backward reaches only that one)
+        c = coin.view(N, 1, 1)
+        num_net, den_net = {}, {}
+        for name, w in critic.items():
+            if name.startswith("q1_model."):
+                j = name[len("q1_model.") :]
+                w1, w2 = w, critic["q2_model." + j]
+                cw = c if w.dim() == 3 else c[:, :, 0]
+                num_net["q1_model." + j] = torch.where(cw, w1, w2)
+                den_net["q1_model." + j] = torch.where(cw, w2, w1)
+        num = PF.q_mlp(num_net, "q1_model", torch.cat([batch.states, action_preds], dim=-1))
+        with torch.no_grad():
+            den = PF.q_mlp(
+                den_net, "q1_model", torch.cat([batch.states, action_preds.detach()], dim=-1)
+            )
     state_preds, action_preds = state_preds.float(), action_preds.float()
-    q1, q2 = q1.float(), q2.float()
     bc_loss = functools.partial(losses.bc_loss, scale=cfg.scale, next_state=cfg.next_state)
     if cfg.sar:
         bc = torch.vmap(bc_loss)(
@@ -607,9 +622,9 @@ def _actor_loss(ap, critic, batch, rewards, keys, coin, eta2, eta, *, cfg: _Conf
         )  # fmt: skip
     else:
         bc = torch.vmap(bc_loss)(action_preds, batch.actions, state_preds, batch.states, batch.mask)
-    c = coin.view(N, 1, 1, 1)
-    num, den = torch.where(c, q1, q2), torch.where(c, q2, q1)
-    q = torch.vmap(functools.partial(losses.q_loss, use_q1=True))(num, den, batch.mask)
+    q = torch.vmap(functools.partial(losses.q_loss, use_q1=True))(
+        num.float(), den.float(), batch.mask
+    )
     return eta2 * bc + eta * q, bc, q
 
 
