@@ -39,15 +39,19 @@ def uniform_bits(keys: torch.Tensor, site: int, shape: tuple[int, ...]) -> torch
     """Per-member pseudo-random 32-bit values (as int64) of `shape` (N, ...).
 
     keys (N, 2) int64 in [0, 2^32): member n's value at element j of `site` is
-    h(h((j + h(keys[n, 0] ^ site * golden)) mod 2^32) ^ keys[n, 1]): a counter-based stream,
-    a function of (key, site, j) alone.
+    h((j * a + b) mod 2^32) with a = h(keys[n, 1] ^ site') | 1 (odd, < 2^31) and
+    b = h(keys[n, 0] ^ site'): a counter-based stream, a function of (key, site, j) alone.
+    Each (member, site) walks the counter with its own stride and offset, so two streams are
+    not shifted copies of each other.
     """
     n = shape[0]
     per_member = math.prod(shape[1:])
     idx = torch.arange(per_member, device=keys.device, dtype=torch.int64).view(1, *shape[1:])
     view = (n,) + (1,) * (len(shape) - 1)
-    offset = _hash32(keys[:, 0] ^ ((site * _GOLDEN) & _M32)).view(view)
-    return _hash32(_hash32((idx + offset) & _M32) ^ keys[:, 1].view(view))
+    salt = (site * _GOLDEN) & _M32
+    offset = _hash32(keys[:, 0] ^ salt).view(view)
+    stride = ((_hash32(keys[:, 1] ^ salt) >> 1) | 1).view(view)  # < 2^31: no int64 overflow
+    return _hash32((idx * stride + offset) & _M32)
 
 
 def hashed_dropout(x: torch.Tensor, p: float, keys: torch.Tensor | None, site: int) -> torch.Tensor:
