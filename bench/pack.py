@@ -119,10 +119,18 @@ def _rate(stamps: list[float], warmup: int) -> float:
 
 
 # ----------------------------------------------------------------------------- arm (a)
-def worker(size: str, steps: int, seed: int, device: str) -> None:
-    """One separate fit (a process of arm (a)): prints its steps/s as JSON."""
+def worker(size: str, steps: int, seed: int, device: str, members: int, compile: bool) -> None:
+    """One process of an arm: a separate fit (members 0), or a pack of `members` fits; prints
+    its fit-steps/s as JSON."""
     keep_freed_memory()
     store = synthetic_store("hopper-medium-v2", trajectories=300)
+    if members > 0:
+        pack = make_pack(size, members, compile, store, first_seed=seed)
+        items = stacked_batches(size, members, store, first_seed=seed)
+        _fit(pack, items, 2, [], device)  # compilation and first steps, outside the timing
+        rate = packed_rate(pack, items, steps, device)
+        print(json.dumps({"rate": rate, "threads": torch.get_num_threads()}))
+        return
     torch.manual_seed(seed)
     module = QTModule(**hparams(size, store))
     clock = _Clock()
@@ -131,8 +139,11 @@ def worker(size: str, steps: int, seed: int, device: str) -> None:
     print(json.dumps({"rate": _rate(clock.stamps, 2), "threads": torch.get_num_threads()}))
 
 
-def separate_rate(size: str, steps: int, workers: int, device: str) -> tuple[float, list]:
-    """Aggregate fit-steps/s of `workers` concurrent separate fits, and their rates."""
+def separate_rate(
+    size: str, steps: int, workers: int, device: str, members: int = 0, compile: bool = True
+) -> tuple[float, list]:
+    """Aggregate fit-steps/s of `workers` concurrent processes (separate fits, or packs of
+    `members` fits each), and their rates."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     procs = [
@@ -168,15 +179,15 @@ def separate_rate(size: str, steps: int, workers: int, device: str) -> tuple[flo
 
 
 # ----------------------------------------------------------------------------- arm (b)
-def make_pack(size: str, fits: int, compile: bool, store):
+def make_pack(size: str, fits: int, compile: bool, store, first_seed: int = 0):
     from qt.pack.module import PackedQTModule
 
-    members = [{"seed": i} for i in range(fits)]
+    members = [{"seed": first_seed + i} for i in range(fits)]
     return PackedQTModule(members, compile=compile, **hparams(size, store))
 
 
-def stacked_batches(size: str, fits: int, store) -> list[Segments]:
-    per_fit = [batches(size, store, seed) for seed in range(fits)]
+def stacked_batches(size: str, fits: int, store, first_seed: int = 0) -> list[Segments]:
+    per_fit = [batches(size, store, first_seed + seed) for seed in range(fits)]
     return [Segments(*(torch.stack(f) for f in zip(*step))) for step in zip(*per_fit)]
 
 
@@ -240,6 +251,51 @@ def profile(size: str, fits: int, compile: bool, store) -> str:
     )
 
 
+def compare_vmap(size: str, fits: int, store, repeats: int = 3) -> str:
+    """The design choice, measured: the actor's forward and backward for `fits` members as
+    batched layers (`qt.pack.functional`) against `torch.func.functional_call` of QTActor under
+    `vmap` over stacked parameters (dropout 0: vmap has no per-member stream), eager, alternated."""
+    from torch.func import functional_call, stack_module_state
+
+    from qt.pack import functional as PF
+
+    hp = hparams(size, store) | dict(dropout=0.0, embed_dropout=0.0)
+    actors = []
+    for seed in range(fits):
+        torch.manual_seed(seed)
+        actors.append(QTModule(**hp).actor)
+    params, _ = stack_module_state(actors)
+    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    b = stacked_batches(size, fits, store)[0]
+    arch = dict(n_layer=hp["n_layer"], n_head=hp["n_head"], sar=False, scale=1000.0,
+                dropout=0.0, embed_dropout=0.0, keys=None)  # fmt: skip
+    base = actors[0]
+
+    def batched():
+        out = PF.actor_forward(params, b.states, b.actions, b.rewards, b.rtg[:, :, :-1],
+                               b.timesteps, b.mask, **arch)[1]  # fmt: skip
+        torch.autograd.grad(out.square().sum(), list(params.values()), allow_unused=True)
+
+    def one(p, s, a, r, g, t, m):
+        return functional_call(base, p, (s, a, r, g, t, m)).action_preds
+
+    def vmapped():
+        out = torch.vmap(one)(params, b.states, b.actions, b.rewards, b.rtg[:, :, :-1],
+                              b.timesteps, b.mask)  # fmt: skip
+        torch.autograd.grad(out.square().sum(), list(params.values()), allow_unused=True)
+
+    times = {"batched layers": [], "vmap(functional_call)": []}
+    for _ in range(repeats):
+        for name, fn in (("batched layers", batched), ("vmap(functional_call)", vmapped)):
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    rows = [(name, f"{1e3 * min(t):.0f}") for name, t in times.items()]
+    return (f"actor forward+backward, {fits} members, {size}, eager, {torch.get_num_threads()} "
+            f"threads (best of {repeats}, alternated)\n") + table(rows, ("layers", "ms"))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench pack")
     parser.add_argument("--size", choices=sorted(SIZES), action="append", help="(default: both)")
@@ -249,17 +305,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="width64 only, few steps")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compare-vmap", action="store_true", help="batched layers vs vmap")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--members", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--packs", type=int, default=None,
+        help="packed arm as this many processes of fits/packs members, cores/packs threads "
+        "each (default: one pack with all the cores)",
+    )  # fmt: skip
     parser.add_argument("--device", default=os.environ.get("QT_BENCH_DEVICE", "cpu"))
     args, _ = parser.parse_known_args(argv if argv is not None else [])
     sizes = args.size or (["width64"] if args.quick else ["width64", "published"])
     if args.worker:
-        worker(sizes[0], args.steps, args.seed, args.device)
+        worker(sizes[0], args.steps, args.seed, args.device, args.members, args.compile)
         return
     keep_freed_memory()
     store = synthetic_store("hopper-medium-v2", trajectories=300)
     cores = os.cpu_count() or 1
+    if args.compare_vmap:
+        for size in sizes:
+            print(compare_vmap(size, args.fits, store), flush=True)
+        return
     if args.profile:
         for size in sizes:
             for compiled in [True, False] if args.compile else [False]:
@@ -269,31 +336,47 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or (1 if args.quick else 2)
     print(f"device: {device_name(args.device)}; torch {torch.__version__}; "
           f"{args.fits} fits; separate: {workers} processes at once, "
-          f"{max(1, cores // workers)} thread(s) each; packed: one process, "
-          f"{torch.get_num_threads()} threads, {'compiled' if args.compile else 'eager'}",
+          f"{max(1, cores // workers)} thread(s) each; packed: "
+          + (f"{args.packs} processes of {args.fits // args.packs} fits, "
+             f"{max(1, cores // args.packs)} thread(s) each, " if args.packs else
+             f"one process, {torch.get_num_threads()} threads, ")
+          + ('compiled' if args.compile else 'eager'),
           flush=True)  # fmt: skip
     rows, speedups = [], {}
     for size in sizes:
         steps = args.steps or (
             (8 if args.quick else 20) if size == "width64" else (3 if args.quick else 5)
         )
-        f = flops(size, args.fits, store)
+        f = flops(size, args.fits // (args.packs or 1), store)
         threads = max(1, cores // workers)
         torch.set_num_threads(threads)
         sep_peak = peak_rate(f["sep_shapes"]) * workers
+        if args.packs:
+            torch.set_num_threads(max(1, cores // args.packs))
+            pack_peak = peak_rate(f["pack_shapes"]) * args.packs
+        else:
+            torch.set_num_threads(cores)
+            pack_peak = peak_rate(f["pack_shapes"])
         torch.set_num_threads(cores)
-        pack_peak = peak_rate(f["pack_shapes"])
-        pack = make_pack(size, args.fits, args.compile, store)
-        items = stacked_batches(size, args.fits, store)
-        t0 = time.perf_counter()
-        _fit(pack, items, 2, [])  # compilation and first steps, outside the timing
-        warm = time.perf_counter() - t0
+        pack, items, warm = None, None, 0.0
+        if not args.packs:
+            pack = make_pack(size, args.fits, args.compile, store)
+            items = stacked_batches(size, args.fits, store)
+            t0 = time.perf_counter()
+            _fit(pack, items, 2, [])  # compilation and first steps, outside the timing
+            warm = time.perf_counter() - t0
         sep_rates, pack_rates = [], []
         for r in range(rounds):
             load = os.getloadavg()[0]
             sep, _ = separate_rate(size, steps, workers, args.device)
             sep_rates.append(sep)
-            pack_rates.append(packed_rate(pack, items, steps, args.device))
+            if args.packs:
+                per = args.fits // args.packs
+                pack_rates.append(
+                    separate_rate(size, steps, args.packs, args.device, per, args.compile)[0]
+                )
+            else:
+                pack_rates.append(packed_rate(pack, items, steps, args.device))
             print(f"  {size} round {r + 1}: separate {sep:.2f} fit-steps/s, packed "
                   f"{pack_rates[-1]:.2f} fit-steps/s (load average before: {load:.2f})",
                   flush=True)  # fmt: skip

@@ -39,15 +39,19 @@ def uniform_bits(keys: torch.Tensor, site: int, shape: tuple[int, ...]) -> torch
     """Per-member pseudo-random 32-bit values (as int64) of `shape` (N, ...).
 
     keys (N, 2) int64 in [0, 2^32): member n's value at element j of `site` is
-    h(h((j + h(keys[n, 0] ^ site * golden)) mod 2^32) ^ keys[n, 1]): a counter-based stream,
-    a function of (key, site, j) alone.
+    h((j * a + b) mod 2^32) with a = h(keys[n, 1] ^ site') | 1 (odd, < 2^31) and
+    b = h(keys[n, 0] ^ site'): a counter-based stream, a function of (key, site, j) alone.
+    Each (member, site) walks the counter with its own stride and offset, so two streams are
+    not shifted copies of each other.
     """
     n = shape[0]
     per_member = math.prod(shape[1:])
     idx = torch.arange(per_member, device=keys.device, dtype=torch.int64).view(1, *shape[1:])
     view = (n,) + (1,) * (len(shape) - 1)
-    offset = _hash32(keys[:, 0] ^ ((site * _GOLDEN) & _M32)).view(view)
-    return _hash32(_hash32((idx + offset) & _M32) ^ keys[:, 1].view(view))
+    salt = (site * _GOLDEN) & _M32
+    offset = _hash32(keys[:, 0] ^ salt).view(view)
+    stride = ((_hash32(keys[:, 1] ^ salt) >> 1) | 1).view(view)  # < 2^31: no int64 overflow
+    return _hash32((idx * stride + offset) & _M32)
 
 
 def hashed_dropout(x: torch.Tensor, p: float, keys: torch.Tensor | None, site: int) -> torch.Tensor:
@@ -152,7 +156,8 @@ def actor_forward(
     return state_preds, action_preds, reward_preds
 
 
-def _q_mlp(p: Params, prefix: str, x: torch.Tensor) -> torch.Tensor:
+def q_mlp(p: Params, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    """One of the twin Q networks (`prefix` q1_model or q2_model) on x (N, ..., S + A)."""
     for j in (0, 2, 4):
         x = F.mish(linear(x, p[f"{prefix}.{j}.weight"], p[f"{prefix}.{j}.bias"]))
     return linear(x, p[f"{prefix}.6.weight"], p[f"{prefix}.6.bias"])
@@ -163,4 +168,4 @@ def critic_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`TwinCritic.forward` for N members: (N, ..., S), (N, ..., A) -> q1, q2 (N, ..., 1)."""
     x = torch.cat([state, action], dim=-1)
-    return _q_mlp(p, "q1_model", x), _q_mlp(p, "q2_model", x)
+    return q_mlp(p, "q1_model", x), q_mlp(p, "q2_model", x)

@@ -596,9 +596,24 @@ def _actor_loss(ap, critic, batch, rewards, keys, coin, eta2, eta, *, cfg: _Conf
             ap, batch.states, batch.actions, rewards, batch.rtg[:, :, :-1],
             batch.timesteps, batch.mask, keys=keys, **_arch(cfg),
         )  # fmt: skip
-        q1, q2 = PF.critic_forward(critic, batch.states, action_preds)
+        # the Q term's numerator is Q1 or Q2 by the member's coin, its denominator the other,
+        # detached: pick each member's networks by the coin, so that only the numerator's
+        # network is differentiated (as QTModule's backward reaches only that one)
+        c = coin.view(N, 1, 1)
+        num_net, den_net = {}, {}
+        for name, w in critic.items():
+            if name.startswith("q1_model."):
+                j = name[len("q1_model.") :]
+                w1, w2 = w, critic["q2_model." + j]
+                cw = c if w.dim() == 3 else c[:, :, 0]
+                num_net["q1_model." + j] = torch.where(cw, w1, w2)
+                den_net["q1_model." + j] = torch.where(cw, w2, w1)
+        num = PF.q_mlp(num_net, "q1_model", torch.cat([batch.states, action_preds], dim=-1))
+        with torch.no_grad():
+            den = PF.q_mlp(
+                den_net, "q1_model", torch.cat([batch.states, action_preds.detach()], dim=-1)
+            )
     state_preds, action_preds = state_preds.float(), action_preds.float()
-    q1, q2 = q1.float(), q2.float()
     bc_loss = functools.partial(losses.bc_loss, scale=cfg.scale, next_state=cfg.next_state)
     if cfg.sar:
         bc = torch.vmap(bc_loss)(
@@ -607,9 +622,9 @@ def _actor_loss(ap, critic, batch, rewards, keys, coin, eta2, eta, *, cfg: _Conf
         )  # fmt: skip
     else:
         bc = torch.vmap(bc_loss)(action_preds, batch.actions, state_preds, batch.states, batch.mask)
-    c = coin.view(N, 1, 1, 1)
-    num, den = torch.where(c, q1, q2), torch.where(c, q2, q1)
-    q = torch.vmap(functools.partial(losses.q_loss, use_q1=True))(num, den, batch.mask)
+    q = torch.vmap(functools.partial(losses.q_loss, use_q1=True))(
+        num.float(), den.float(), batch.mask
+    )
     return eta2 * bc + eta * q, bc, q
 
 
@@ -627,9 +642,8 @@ def _arch(cfg: _Config) -> dict:
 class PackedStep:
     """QTModule's training step for N members, updating the state in place.
 
-    Four pure pieces, each compiled on its own when `compile` (forward and backward of the
-    losses through AOTAutograd, the clipped Adam update as one fused kernel set): the targets,
-    the critic loss, the actor loss, the update. Gradients come from torch.autograd.grad of the
+    Pure pieces: the targets, the critic loss, the actor loss (each compiled on its own when
+    `compile`, forward and backward through AOTAutograd), and the clipped Adam update (eager). Gradients come from torch.autograd.grad of the
     summed per-member losses (a member's gradient is its own loss's: no term couples members).
     """
 
@@ -642,11 +656,10 @@ class PackedStep:
             "critic_update": _clip_and_adam,
             "actor_update": functools.partial(_clip_and_adam, idle=cfg.idle),
         }
-        if compile:
+        if compile:  # the update stays eager: a few hundred small ops (~ms), many kernels
             mode = compile_mode(cfg.device_type)
-            parts = {
-                name: torch.compile(fn, dynamic=False, mode=mode) for name, fn in parts.items()
-            }
+            for name in ("targets", "critic_loss", "actor_loss"):
+                parts[name] = torch.compile(parts[name], dynamic=False, mode=mode)
         self.parts = parts
 
     def __call__(self, st, batch, inp, eta2, eta, active):
