@@ -1,11 +1,14 @@
-"""Ten fits as today's study runs them (separate processes) against one packed fit.
+"""Ten fits as today's study runs them (separate processes) against packed fits.
 
 (a) separate: `workers = cores` processes at once, each with `OMP_NUM_THREADS = cores //
 workers`, each a Lightning fit of QTModule (target networks included) on synthetic batches of
 hopper's sizes; a process times its steps after a warm-up, and the aggregate rate is the sum of
 the processes' rates (the steady state of the study's pool, which runs ten fits `workers` at a
-time). (b) packed: one process with all the cores, a `PackedQTModule` of the ten fits (compiled
-unless --no-compile) in a Lightning fit on the same kind of batches, stacked. Both arms run in
+time). (b) packed: `PackedQTModule`s (compiled unless --no-compile) in Lightning fits on the same
+kind of batches, stacked: on the CPU one pack per core by default (on 2 cores, two 1-thread
+processes of five fits each, as the study runner divides the cores; a 2-thread process on a
+loaded machine waits at every OpenMP barrier), `--packs 1` one pack of all the fits with all the
+cores. The packed arm's peak is measured at the shapes of its packs. Both arms run in
 this one invocation, alternating `--rounds` times; the machine's load is printed beside them.
 
 FLOPs per fit-step are counted by torch's FlopCounterMode on one eager step of each arm and
@@ -14,7 +17,7 @@ machine's matmul rate at that arm's own matmul shapes and threads (`bench._commo
 `--profile`: torch's profiler over packed steps (compiled and eager), top operators.
 
     python -m bench pack [--quick] [--size width64|published] [--fits 10] [--steps N]
-                         [--rounds R] [--no-compile] [--profile]
+                         [--rounds R] [--packs P] [--no-compile] [--profile] [--compare-vmap]
 
 The last line: `packed speed-up: N.Nx (10 fits, width64, <device>)`.
 """
@@ -312,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--packs", type=int, default=None,
         help="packed arm as this many processes of fits/packs members, cores/packs threads "
-        "each (default: one pack with all the cores)",
+        "each (default on the CPU: one pack per core, as the study runner divides the cores; "
+        "1: one pack with all the cores)",
     )  # fmt: skip
     parser.add_argument("--device", default=os.environ.get("QT_BENCH_DEVICE", "cpu"))
     args, _ = parser.parse_known_args(argv if argv is not None else [])
@@ -333,6 +337,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(profile(size, args.fits, compiled, store), flush=True)
         return
     workers = cores if args.device == "cpu" else args.fits
+    if args.packs is None and args.device == "cpu" and args.fits % cores == 0:
+        args.packs = cores
+    if args.packs == 1:
+        args.packs = None
     rounds = args.rounds or (1 if args.quick else 2)
     print(f"device: {device_name(args.device)}; torch {torch.__version__}; "
           f"{args.fits} fits; separate: {workers} processes at once, "

@@ -46,7 +46,7 @@ def _study(data: dict[str, str], **extra) -> dict:
         "tasks": {task: {"data.path": path} for task, path in data.items()},
         "variants": {
             "qt": {},
-            "dt": {"model.eta": 0, "model.rtg_no_q": True, "model.infer_no_q": True},
+            "qt-no-q": {"model.eta": 0, "model.rtg_no_q": True, "model.infer_no_q": True},
         },
         "seeds": [0, 1],
         "overrides": {"trainer.max_epochs": 2, "model.max_iters": 2},
@@ -185,7 +185,7 @@ def test_study_end_to_end_report_equals_the_mlflow_histories(uninterrupted):
     cells = {(c["task"], c["variant"], c["score"]): c for c in report["cells"]}
     md = (folder / "results" / "tiny" / "report.md").read_text()
     for task in TASKS:
-        for variant in ("qt", "dt"):
+        for variant in ("qt", "qt-no-q"):
             for score in ("best", "last", "test"):
                 x = np.array([[values[task, variant, s][score]] for s in (0, 1)])
                 cell = cells[task, variant, score]
@@ -202,7 +202,7 @@ def test_study_end_to_end_report_equals_the_mlflow_histories(uninterrupted):
     assert len({v["best"] for v in values.values()}) > 2
 
     aggs = {(a["variant"], a["score"], a["statistic"]): a for a in report["aggregates"]}
-    for variant in ("qt", "dt"):
+    for variant in ("qt", "qt-no-q"):
         for score in ("best", "last", "test"):
             x = np.array([[values[t, variant, s][score] for t in TASKS] for s in (0, 1)])
             iqm, mean = aggs[variant, score, "IQM"], aggs[variant, score, "mean"]
@@ -225,7 +225,7 @@ def test_study_end_to_end_report_equals_the_mlflow_histories(uninterrupted):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 16  # a fit and a test per (task, variant, seed)
     assert {(r.data.tags["variant"], r.data.tags["seed"]) for r in children} == {
-        (v, s) for v in ("qt", "dt") for s in ("0", "1")
+        (v, s) for v in ("qt", "qt-no-q") for s in ("0", "1")
     }
 
     # `report NAME` reads the same numbers back
