@@ -158,8 +158,9 @@ def train_step_flops(
     return critic + targets + actor_step + q_term
 
 
-def act_flops(E: int, N: int, U: int, K: int, S: int, A: int, d: int, n_layer: int,
-              shared: bool) -> int:  # fmt: skip
+def act_flops(
+    E: int, N: int, U: int, K: int, S: int, A: int, d: int, n_layer: int, shared: bool
+) -> int:
     """FLOPs of one `QTPolicy.act` for E episodes, N candidates in U return-to-go groups, by hand.
 
     Windows are always padded to K timesteps, so the count does not depend on the step.
@@ -171,18 +172,34 @@ def act_flops(E: int, N: int, U: int, K: int, S: int, A: int, d: int, n_layer: i
     P, old = 3 * (K - 1), K - 1  # prefix tokens and timesteps, run once per group
     prefix = actor_flops(E * U, old, S, A, d, n_layer)
     prefix_cost = prefix["embed"] + prefix["attention"]
-    prefix_cost += n_layer * (linear(E * U * P, d, 3 * d) + linear(E * U * P, d, d)
-                              + linear(E * U * P, d, 4 * d) + linear(E * U * P, 4 * d, d))  # fmt: skip
+    prefix_cost += n_layer * (
+        linear(E * U * P, d, 3 * d)
+        + linear(E * U * P, d, d)
+        + linear(E * U * P, d, 4 * d)
+        + linear(E * U * P, 4 * d, d)
+    )
     new = 2 * E * N  # the newest return and state tokens of every candidate
     extend = linear(E * N, 1, d) + linear(E, S, d)  # their embeddings (the state once per episode)
-    extend += n_layer * (linear(new, d, 3 * d) + linear(new, d, d) + linear(new, d, 4 * d)
-                         + linear(new, 4 * d, d) + 2 * 2 * E * N * 2 * (P + 2) * d)  # fmt: skip
+    extend += n_layer * (
+        linear(new, d, 3 * d)
+        + linear(new, d, d)
+        + linear(new, d, 4 * d)
+        + linear(new, 4 * d, d)
+        + 2 * 2 * E * N * 2 * (P + 2) * d
+    )
     extend += linear(E * N, d, A)  # the action head on the state token
     return prefix_cost + extend + critic
 
 
-def best_seconds(batch: int, m: int, k: int, n: int, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu", seconds: float = 0.5) -> float:  # fmt: skip
+def best_seconds(
+    batch: int,
+    m: int,
+    k: int,
+    n: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seconds: float = 0.5,
+) -> float:
     """Wall time of the fastest `(batch, m, k) @ (batch, k, n)` matmul (a plain 2-d one for
     batch 1) among calls made for about `seconds`, after one warm-up call."""
     g = torch.Generator(device="cpu").manual_seed(0)

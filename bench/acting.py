@@ -46,15 +46,30 @@ def _policy(size: str, max_steps: int, precision: str, share_prefix: bool = True
     cfg = SIZES[size]
     torch.manual_seed(0)
     actor = QTActor(
-        task.state_dim, task.act_dim, cfg["hidden_size"], cfg["n_layer"], cfg["n_head"], K=K,
-        max_ep_len=1000, dropout=0.1, sar=False, scale=task.scale,
-    ).eval()  # fmt: skip
+        task.state_dim,
+        task.act_dim,
+        cfg["hidden_size"],
+        cfg["n_layer"],
+        cfg["n_head"],
+        K=K,
+        max_ep_len=1000,
+        dropout=0.1,
+        sar=False,
+        scale=task.scale,
+    ).eval()
     critic = TwinCritic(task.state_dim, task.act_dim, cfg["hidden_size"])  # QT's critic width
     policy = QTPolicy(
-        actor, critic, state_mean=[0.0] * task.state_dim, state_std=[1.0] * task.state_dim,
-        scale=task.scale, env_targets=task.env_targets, K=K, max_ep_len=max_steps,
-        num_candidates=N, share_prefix=share_prefix,
-    )  # fmt: skip
+        actor,
+        critic,
+        state_mean=[0.0] * task.state_dim,
+        state_std=[1.0] * task.state_dim,
+        scale=task.scale,
+        env_targets=task.env_targets,
+        K=K,
+        max_ep_len=max_steps,
+        num_candidates=N,
+        share_prefix=share_prefix,
+    )
     if precision == "bf16":
         act = policy.act
 
@@ -92,8 +107,17 @@ def flops_per_env_step(size: str, episodes: int, share: bool, precision: str = "
     policy.reset(np.stack(obs), list(range(episodes)))
     counted, shapes, _ = counted_flops(policy.act)
     groups = len(task.env_targets) + N % len(task.env_targets)  # target histories, noise ones
-    by_hand = act_flops(episodes, N, groups, K, task.state_dim, task.act_dim,
-                        cfg["hidden_size"], cfg["n_layer"], shared=share)  # fmt: skip
+    by_hand = act_flops(
+        episodes,
+        N,
+        groups,
+        K,
+        task.state_dim,
+        task.act_dim,
+        cfg["hidden_size"],
+        cfg["n_layer"],
+        shared=share,
+    )
     for name, other in (("by hand", by_hand), ("from the matmul shapes", shape_flops(shapes))):
         if abs(counted - other) > 1e-3 * counted:
             raise SystemExit(
@@ -121,17 +145,41 @@ def main(argv: list[str] | None = None) -> None:
             many = ms_per_env_step(size, E, E, args.max_steps, precision, share)
             rate_one, rate_many = flops / (one / 1e3), flops / (many / 1e3)
             mode = f"{precision}, {'shared prefixes' if share else 'one window per candidate'}"
-            rows.append((size, mode, f"{flops / 1e6:.0f}", f"{one:.1f}", f"{many:.1f}",
-                         f"{one / many:.1f}x", f"{gflops(rate_one)} / {gflops(rate_many)}",
-                         f"{gflops(peak_one)} / {gflops(peak_many)}",
-                         f"{100 * rate_one / peak_one:.0f}% / "
-                         f"{100 * rate_many / peak_many:.0f}%"))  # fmt: skip
-    print(f"hopper, {N} candidates, K={K}, {E} episodes of <= {args.max_steps} steps; torch "
-          f"threads {torch.get_num_threads()}. MFLOP per environment step: counted by torch's "
-          "FlopCounterMode, by hand and from the shapes (equal to 0.1%). Peak: the matmul shapes "
-          f"of one act, each timed alone at its fastest in this run; batch 1 / {E} at once.")  # fmt: skip
-    print(table(rows, ("size", "mode", "MFLOP/step", "ms/step batch 1", f"ms/step {E} at once",
-                       "batching gain", "GFLOP/s", "peak GFLOP/s", "of peak")))  # fmt: skip
+            rows.append(
+                (
+                    size,
+                    mode,
+                    f"{flops / 1e6:.0f}",
+                    f"{one:.1f}",
+                    f"{many:.1f}",
+                    f"{one / many:.1f}x",
+                    f"{gflops(rate_one)} / {gflops(rate_many)}",
+                    f"{gflops(peak_one)} / {gflops(peak_many)}",
+                    f"{100 * rate_one / peak_one:.0f}% / {100 * rate_many / peak_many:.0f}%",
+                )
+            )
+    print(
+        f"hopper, {N} candidates, K={K}, {E} episodes of <= {args.max_steps} steps; torch "
+        f"threads {torch.get_num_threads()}. MFLOP per environment step: counted by torch's "
+        "FlopCounterMode, by hand and from the shapes (equal to 0.1%). Peak: the matmul shapes "
+        f"of one act, each timed alone at its fastest in this run; batch 1 / {E} at once."
+    )
+    print(
+        table(
+            rows,
+            (
+                "size",
+                "mode",
+                "MFLOP/step",
+                "ms/step batch 1",
+                f"ms/step {E} at once",
+                "batching gain",
+                "GFLOP/s",
+                "peak GFLOP/s",
+                "of peak",
+            ),
+        )
+    )
 
 
 if __name__ == "__main__":

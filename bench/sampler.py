@@ -7,6 +7,7 @@ against its raw arrays.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import os
@@ -95,7 +96,9 @@ def _write_dataset(path: Path) -> int:
     return sum(v.nbytes for v in arrays.values())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench sampler", description=__doc__)
+    parser.parse_known_args(argv if argv is not None else [])  # no options of its own: --help
     with tempfile.TemporaryDirectory() as tmp:
         raw_bytes = _write_dataset(Path(tmp) / "hopper_medium-v2.hdf5")
         gc.collect()

@@ -68,19 +68,38 @@ def _fit(size: str, steps: int, device: str, precision: str, callbacks: list) ->
     )
     loader = StreamLoader(stream, lambda: 0, pin_memory=device == "cuda")
     model = QTModule(
-        state_dim=store.state_dim, act_dim=store.act_dim, K=K, max_ep_len=1000, scale=1000.0,
-        state_mean=store.state_mean.tolist(), state_std=store.state_std.tolist(),
-        hidden_size=cfg["hidden_size"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-        eta=1.0, grad_norm=9.0, max_iters=500, k_rewards=True, use_discount=True,
-    )  # fmt: skip
+        state_dim=store.state_dim,
+        act_dim=store.act_dim,
+        K=K,
+        max_ep_len=1000,
+        scale=1000.0,
+        state_mean=store.state_mean.tolist(),
+        state_std=store.state_std.tolist(),
+        hidden_size=cfg["hidden_size"],
+        n_layer=cfg["n_layer"],
+        n_head=cfg["n_head"],
+        eta=1.0,
+        grad_norm=9.0,
+        max_iters=500,
+        k_rewards=True,
+        use_discount=True,
+    )
     # EMA from the first step, so its cost (every 5th step) is in the figure
     targets = TargetNetworks(step_start_ema=0, update_ema_every=5)
     trainer = L.Trainer(
-        accelerator=device, devices=1, precision=precision, max_steps=-1,
-        limit_train_batches=steps, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, targets],
+        accelerator=device,
+        devices=1,
+        precision=precision,
+        max_steps=-1,
+        limit_train_batches=steps,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, targets],
         log_every_n_steps=50,
-    )  # fmt: skip
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, train_dataloaders=loader)
@@ -100,9 +119,14 @@ def flops_per_step(size: str, device: str, precision: str) -> tuple[int, list]:
     cfg = SIZES[size]
     counted, shapes, model = counted_flops(lambda: _fit(size, 1, device, precision, []))
     by_hand = train_step_flops(
-        cfg["batch_size"], K, model.hparams.state_dim, model.hparams.act_dim,
-        cfg["hidden_size"], cfg["n_layer"], recompute_scores=device == "cuda",
-    )  # fmt: skip
+        cfg["batch_size"],
+        K,
+        model.hparams.state_dim,
+        model.hparams.act_dim,
+        cfg["hidden_size"],
+        cfg["n_layer"],
+        recompute_scores=device == "cuda",
+    )
     checks = [("by hand", by_hand)]
     if device != "cuda":  # CUDA's fused attention runs no matmul that the shape recorder sees
         checks.append(("from the matmul shapes", shape_flops(shapes)))
@@ -153,8 +177,10 @@ def profile_steps(size: str, device: str, precision: str) -> str:
         f"{np.median(gaps[7 : 7 + prof.active]) * 1e3:.1f} ms profiled"
     )
     if prof.cuda:
-        head += (f"; per profiled step {kernel_ms:.2f} ms of GPU kernel time, "
-                 f"{launches / prof.active:.0f} kernel launches")  # fmt: skip
+        head += (
+            f"; per profiled step {kernel_ms:.2f} ms of GPU kernel time, "
+            f"{launches / prof.active:.0f} kernel launches"
+        )
     sort = "self_cuda_time_total" if prof.cuda else "self_cpu_time_total"
     return head + "\n" + events.table(sort_by=sort, row_limit=12, max_name_column_width=50)
 
@@ -184,16 +210,42 @@ def main(argv: list[str] | None = None) -> None:
         sec = seconds_per_step(size, steps, device, precision)
         peak = peak_rate(shapes, device=device)
         achieved = counted / sec
-        rows.append((size, str(cfg), f"{sec * 1e3:.0f}", f"{1 / sec:.2f}", gflops(counted),
-                     gflops(achieved), len(set(shapes)), gflops(peak),
-                     f"{100 * achieved / peak:.0f}%"))  # fmt: skip
-    print(f"device {device}, precision {precision}, float32 matmul {matmul}, torch threads {torch.get_num_threads()}. "
-          "GFLOP per step: matmuls and attention of every forward and backward, counted by "
-          "torch's FlopCounterMode, by hand and (on the CPU) from the shapes (equal to 0.1%). "
-          "Peak: the step's matmul shapes, each timed alone at its fastest in this run (on CUDA "
-          "without the fused attention's).")  # fmt: skip
-    print(table(rows, ("size", "settings", "ms/step", "steps/s", "GFLOP/step", "GFLOP/s",
-                       "matmul shapes", "peak GFLOP/s", "of peak")))  # fmt: skip
+        rows.append(
+            (
+                size,
+                str(cfg),
+                f"{sec * 1e3:.0f}",
+                f"{1 / sec:.2f}",
+                gflops(counted),
+                gflops(achieved),
+                len(set(shapes)),
+                gflops(peak),
+                f"{100 * achieved / peak:.0f}%",
+            )
+        )
+    print(
+        f"device {device}, precision {precision}, float32 matmul {matmul}, torch threads {torch.get_num_threads()}. "
+        "GFLOP per step: matmuls and attention of every forward and backward, counted by "
+        "torch's FlopCounterMode, by hand and (on the CPU) from the shapes (equal to 0.1%). "
+        "Peak: the step's matmul shapes, each timed alone at its fastest in this run (on CUDA "
+        "without the fused attention's)."
+    )
+    print(
+        table(
+            rows,
+            (
+                "size",
+                "settings",
+                "ms/step",
+                "steps/s",
+                "GFLOP/step",
+                "GFLOP/s",
+                "matmul shapes",
+                "peak GFLOP/s",
+                "of peak",
+            ),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qt.tasks import TASKS, Task
+from qt.tasks import Task, published_tasks
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,11 +57,7 @@ def render(task: Task) -> str:
 
 
 def expected_files() -> dict[Path, str]:
-    return {
-        HERE / "d4rl" / f"{config_name(t)}.yaml": render(t)
-        for t in TASKS.values()
-        if t.published is not None
-    }
+    return {HERE / "d4rl" / f"{config_name(t)}.yaml": render(t) for t in published_tasks()}
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import hashlib
 import math
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -34,9 +35,24 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qt.errors import UserError
 
+LAST = "last.ckpt"  # what `--ckpt_path last` resumes from (qt/configs/base.yaml)
+
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that cannot be read, or that does not fit the config."""
+
+
+def checkpoint_dir(save_dir: str | os.PathLike, experiment_id: str, run_id: str) -> Path:
+    """The checkpoints of a fit logged to MLflow: `<save_dir>/<experiment id>/<run id>/
+    checkpoints`, where Lightning's ModelCheckpoint writes under qt's MLFlowLogger."""
+    return Path(save_dir) / experiment_id / run_id / "checkpoints"
+
+
+def best_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The best iteration's checkpoint in `folder`: the newest `best-*.ckpt` (ModelCheckpoint
+    keeps one; should a resumed fit leave two, its later best is the newer file)."""
+    found = list(Path(folder).glob("best-*.ckpt"))
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 CHECKSUMS_KEY = "qt_checksums"
@@ -161,6 +177,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:  # a full disk: torch's "enforce fail" or ENOSPC
+            tmp.unlink(missing_ok=True)
+            text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(err).strip())
+            why = text.splitlines()[-1][:160] if text else type(err).__name__
+            raise CheckpointError(
+                f"Could not write checkpoint {path} ({why}): is the disk full or read-only? "
+                "The previous checkpoint is kept; free some space, then resume with "
+                "--ckpt_path last."
+            ) from err
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -192,15 +217,10 @@ def load_checkpoint(
         raise CheckpointError(f"Checkpoint {path} does not exist: expected a .ckpt file there.")
     try:
         loaded = torch.load(path, map_location=map_location, weights_only=weights_only is not False)
-    except (
-        OSError,
-        RuntimeError,
-        EOFError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        ValueError,
-    ) as err:
-        if isinstance(err, pickle.UnpicklingError):
+    except Exception as err:  # a text file ends in KeyError, others in anything pickle meets
+        if not zipfile.is_zipfile(path):  # torch's own text here can be a bare `101`
+            why = "it is not a zip archive as torch writes them"
+        elif isinstance(err, pickle.UnpicklingError):
             # torch's text here suggests weights_only=False, which would run the file's code
             why = "its contents are not plain tensors and containers, or are corrupt"
         else:
@@ -219,8 +239,11 @@ def load_checkpoint(
 
 
 __all__ = [
+    "LAST",
     "AtomicCheckpointIO",
     "CheckpointError",
+    "best_checkpoint",
+    "checkpoint_dir",
     "checksums",
     "load_checkpoint",
     "non_finite",

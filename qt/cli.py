@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 import yaml
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -25,11 +25,11 @@ from qt.callbacks.targets import TargetNetworks
 from qt.checkpointing import CheckpointError, load_checkpoint
 from qt.console import quiet
 from qt.data.datamodule import QTDataModule
-from qt.errors import UserError, report
+from qt.errors import UserError, parser_error, report, storage_failure
 from qt.module import QTModule
 from qt.runtime import keep_freed_memory
 from qt.tasks import get_task
-from qt.tracking import legacy_identities, resume_checkpoint, run_tags, variant_label
+from qt.tracking import legacy_identities, resume_checkpoint, run_name, run_tags
 
 # package data, so that it is found wherever qt is installed and from any working directory
 BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "base.yaml"
@@ -77,6 +77,48 @@ class MLflowConfig(SaveConfigCallback):
             logger.experiment.log_text(logger.run_id, text, name)
 
 
+class QTArgumentParser(LightningArgumentParser):
+    """Lightning's parser, but a bad argument is one line naming it and a hint to --help,
+    not a hundred lines of usage above it."""
+
+    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        # `python -m qt fit` is the `qt` command; argparse would call it `__main__.py`
+        parser_error(parser.prog.replace("__main__.py", "qt"), message)
+
+
+# the least free space a fit starts with: the store, a few checkpoints and plots
+MIN_FREE_BYTES = 64 * 2**20
+
+
+def _check_store(save_dir: str | Path) -> None:
+    """The folder of the MLflow store and checkpoints is writable and not full: one sentence
+    before anything is created (MLflow's own error is a traceback under a parser's error)."""
+    import shutil
+    import tempfile
+
+    folder = Path(save_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".qt-write-check-"):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"{folder}/ (trainer.logger.init_args.save_dir) cannot be written "
+            f"({err.strerror or err}): expected a folder this user can write runs to; choose "
+            "another with --trainer.logger.init_args.save_dir."
+        ) from None
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(
+            f"{folder}/ (trainer.logger.init_args.save_dir) has {free / 2**20:.1f} MB free: "
+            f"expected at least {MIN_FREE_BYTES // 2**20} MB for the run's store and "
+            "checkpoints; free some space or choose another folder."
+        )
+
+
 class QTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The Evaluation callback is always there and set on its own (`evaluation:` in a config,
@@ -121,18 +163,33 @@ class QTCLI(LightningCLI):
         if not (isinstance(logger, dict) or hasattr(logger, "init_args")):
             return
         init_args = logger["init_args"] if isinstance(logger, dict) else logger.init_args
+        if not init_args.get("tracking_uri") or str(init_args["tracking_uri"]).startswith(
+            "sqlite:"
+        ):
+            _check_store(init_args.get("save_dir") or "runs")
         model = _as_dict(config.get("model"))
         model["K"] = config["data"]["K"]
         task, seed = config["data"]["task"], config["seed_everything"]
         named = init_args.get("run_name") is not None
-        if not named:
-            init_args["run_name"] = f"{task}-{variant_label(model)}-seed{seed}"
+        evaluating = self.subcommand in ("test", "validate")
+        if not named:  # a test run is named as one: `m2d-umaze/qt/s123/test`
+            kind = self.subcommand if evaluating else ""
+            init_args["run_name"] = run_name(task, seed, model, kind)
         init_args["tags"] = run_tags(task, seed, model, init_args.get("tags"))
         ckpt = config.get("ckpt_path")
+        if evaluating and isinstance(ckpt, str):
+            init_args["tags"].update(_fit_run_tags(ckpt, init_args))
         if self.subcommand == "fit" and isinstance(ckpt, str) and _is_run_ref(ckpt):
             earlier = legacy_identities(task, seed, model)
             config["ckpt_path"] = resume_checkpoint(init_args, ckpt, named, earlier)
             _check_checkpoint(config["ckpt_path"], config, self.subcommand)
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("test", "validate"):
+            # the Evaluation callback prints qt's results table; Lightning's own is a second
+            parser.set_defaults(verbose=False)
+        return parser
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here, with torch.load: check the
@@ -166,6 +223,37 @@ class QTCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._set_test_episodes()
+
+
+def _fit_run_tags(ckpt: str, init_args) -> dict[str, str]:
+    """Tags linking a test or validate run to the fit run that wrote its checkpoint: found
+    from where fits keep checkpoints (`<save_dir>/<experiment id>/<run id>/checkpoints/`).
+    `qt.fit_run` always; MLflow's `mlflow.parentRunId` too when the fit run is in the same
+    experiment, so the UI lists the test under its fit."""
+    import mlflow
+
+    from qt.tracking import default_tracking_uri, store_lock
+
+    path = Path(ckpt).resolve()
+    if path.parent.name != "checkpoints" or len(path.parents) < 4:
+        return {}
+    run_id, experiment_id = path.parents[1].name, path.parents[2].name
+    save_dir = init_args.get("save_dir") or "runs"
+    uri = init_args.get("tracking_uri") or default_tracking_uri(save_dir)
+    try:
+        with store_lock(uri):
+            run = mlflow.MlflowClient(uri).get_run(run_id)
+            exp = mlflow.MlflowClient(uri).get_experiment_by_name(
+                init_args.get("experiment_name") or "qt"
+            )
+    except Exception:  # not a run of this store: no link, the test runs all the same
+        return {}
+    if run.info.experiment_id != experiment_id:
+        return {}
+    tags = {"qt.fit_run": run_id}
+    if exp is not None and exp.experiment_id == run.info.experiment_id:
+        tags["mlflow.parentRunId"] = run_id
+    return tags
 
 
 def _as_dict(tree) -> dict:
@@ -275,6 +363,7 @@ def _build(args: list[str] | None, run: bool) -> QTCLI:
             "default_config_files": [str(BASE_CONFIG)] if not run else [],
             **{sub: {"default_config_files": [str(BASE_CONFIG)]} for sub in SUBCOMMANDS},
         },
+        parser_class=QTArgumentParser,
         save_config_callback=MLflowConfig,
         save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
         args=args,
@@ -294,6 +383,11 @@ def run(args: list[str] | None = None) -> int:
         return 143
     except UserError as err:  # QT_TRACEBACK=1 shows where it came from
         return report(err)
+    except Exception as err:  # a full or read-only disk mid-fit: one sentence, not MLflow's
+        sentence = storage_failure(err)
+        if sentence is None:
+            raise
+        return report(UserError(sentence))
     return 0
 
 

@@ -50,6 +50,9 @@ def quiet() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow logs a failing SQL statement with the whole exception chain, then raises it: the
+    # commands say it in one sentence (qt.errors.storage_failure); QT_TRACEBACK=1 shows it
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     # qt serves no validation batches (evaluation is a callback): Lightning's note about it
@@ -57,6 +60,53 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers")
     # iterations without an evaluation (eval_every_n_epochs > 1): the checkpoint waits for one
     warnings.filterwarnings("ignore", message=r".*could not find the monitored key")
+    # `cli.py test` of a fit's checkpoint writes into a run folder of its own, so the restored
+    # ModelCheckpoint state always names another folder; nothing is lost or overwritten
+    warnings.filterwarnings("ignore", message=r".*dirpath has changed from")
 
 
-__all__ = ["quiet", "say"]
+# ---------------------------------------------------------------------------- fits' progress
+STATUS_ENV = "QT_STATUS_FILE"  # where a fit writes its progress (qt.callbacks.console.Console)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def status_line(path: str | os.PathLike) -> str | None:
+    """One line of a running fit's progress from its status file: iteration, step, rate, time
+    left and its latest score; None while the fit has written none."""
+    import json
+
+    try:
+        st = json.loads(open(path).read())
+    except (OSError, ValueError):
+        return None
+    parts = [f"iteration {st['iteration']}/{st['iterations']}",
+             f"step {st['step']:,}/{st['steps']:,}"]  # fmt: skip
+    if st.get("rate"):
+        parts.append(f"{st['rate']:.1f} steps/s")
+        parts.append(f"{_duration((st['steps'] - st['step']) / st['rate'])} left")
+    if st.get("score") is not None:
+        parts.append(f"score {st['score']:.1f} (best {st['best']:.1f})")
+    else:
+        parts.append("no evaluation yet")
+    return ", ".join(parts)
+
+
+def write_status(path: str | os.PathLike, status: dict) -> None:
+    """Replace the status file at `path` in one rename (a reader never sees half of it)."""
+    import json
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(status, f)
+    os.replace(tmp, path)
+
+
+__all__ = ["STATUS_ENV", "quiet", "say", "status_line", "write_status"]

@@ -1,41 +1,48 @@
-"""`python -m qt.demo` (`make demo`): QT and its Decision Transformer baseline on maze2d-medium.
+"""`python -m qt.demo` (`make demo`): QT and QT without its Q term on maze2d-medium.
 
 1. Generates the dataset of configs/demo.yaml's task (maze2d-medium-v1) by the D4RL protocol
    at D4RL's size (2M steps, 2-4 minutes), or reuses it: a Minari dataset and its D4RL
    hdf5 twin in qt's data root ($QT_DATA_DIR, else ./data).
-2. Trains QT (configs/demo.yaml) and the DT baseline (`eta 0`, `rtg_no_q`, `infer_no_q`) side
-   by side, one process and one thread each, with `cli.py fit`; both log to MLflow. Both are
-   evaluated after every second iteration (`--eval-every`; the demo's two iterations give one
-   evaluation, at the end): QT's acting runs the transformer on 50 return-to-go candidates per
-   step.
-3. Tests each best checkpoint with `cli.py test` and prints a table: the dataset's average
+2. Trains QT (configs/demo.yaml) and QT without Q (`qt-no-q`: `eta 0`, `rtg_no_q`, `infer_no_q`;
+   docs/baselines.md; not the Decision Transformer as published) side by side, one process
+   and one thread each, with `qt fit`; both log to MLflow. Both are evaluated after every
+   second iteration (`--eval-every`; the demo's two iterations give one evaluation, at the
+   end): QT's acting runs the transformer on 50 return-to-go candidates per step.
+3. Tests each best checkpoint with `qt test` and prints a table: the dataset's average
    return, the evaluation episodes' returns and lengths, the normalised scores, and where the
    MLflow runs are.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import mlflow
 import yaml
+
+from qt.checkpointing import best_checkpoint, checkpoint_dir
+from qt.console import STATUS_ENV, quiet, status_line
+from qt.data.paths import hdf5_dir
+from qt.data.readers import read_d4rl_hdf5
+from qt.data.store import TrajectoryStore
+from qt.datagen import make
+from qt.errors import ArgumentParser
+from qt.runtime import start_module
+from qt.tasks import get_task
+from qt.tracking import default_tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
 TASK = yaml.safe_load(CONFIG.read_text())["data"]["task"]
 EXPERIMENT = "qt-demo"
-DT_ARGS = ["--model.eta", "0", "--model.rtg_no_q", "true", "--model.infer_no_q", "true"]
+NO_Q_ARGS = ["--model.eta", "0", "--model.rtg_no_q", "true", "--model.infer_no_q", "true"]
 
 
 def _ensure_dataset(steps: int | None) -> Path:
-    from qt.data.paths import hdf5_dir
-    from qt.datagen import make
-    from qt.tasks import get_task
-
     root = make.default_minari_root()
     hdf5 = (hdf5_dir() / get_task(TASK).dataset_file).resolve()
     if hdf5.exists():
@@ -50,15 +57,32 @@ def _ensure_dataset(steps: int | None) -> Path:
     return hdf5
 
 
-def _launch(name: str, command: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[demo] {name}: {' '.join(command[1:])}  (log: {log})", flush=True)
-    handle = log.open("w")
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+def _launch(name: str, args: list[str], log: Path) -> subprocess.Popen:
+    """`qt ARGS` in a process of its own, one thread, its output in `log` (started afresh), its
+    progress in `_status_file(log)` (which `_wait` shows)."""
+    print(f"[demo] {name}: qt {' '.join(args)}  (log: {log})", flush=True)
+    log.unlink(missing_ok=True)
+    _status_file(log).unlink(missing_ok=True)
+    status = {STATUS_ENV: str(_status_file(log))}
+    return start_module(["qt", *args], log, threads=1, cwd=ROOT, extra_env=status)
 
 
-def _wait(procs: dict[str, tuple[subprocess.Popen, Path]]) -> None:
+def _status_file(log: Path) -> Path:
+    return log.with_suffix(".status.json")
+
+
+def _wait(procs: dict[str, tuple[subprocess.Popen, Path]], every: float = 15.0) -> None:
+    """Wait for the processes, showing each running fit's progress every `every` seconds
+    (iteration, step, rate, time left, latest score: `qt.console.status_line`)."""
+    shown = time.monotonic()
+    while any(proc.poll() is None for proc, _ in procs.values()):
+        time.sleep(0.5)
+        if time.monotonic() - shown < every:
+            continue
+        shown = time.monotonic()
+        for name, (proc, log) in procs.items():
+            line = status_line(_status_file(log)) if proc.poll() is None else "done"
+            print(f"[demo] {name}: {line or 'starting'}", flush=True)
     failed = []
     for name, (proc, log) in procs.items():
         if proc.wait() != 0:
@@ -80,18 +104,14 @@ def _run(client, name: str):
 
 
 def _best_checkpoint(run) -> Path:
-    ckpts = sorted(
-        (ROOT / "runs" / run.info.experiment_id / run.info.run_id / "checkpoints").glob(
-            "best-*.ckpt"
-        )
-    )
-    if not ckpts:
+    best = best_checkpoint(checkpoint_dir(ROOT / "runs", run.info.experiment_id, run.info.run_id))
+    if best is None:
         raise SystemExit(f"[demo] run {run.info.run_name} left no best checkpoint.")
-    return ckpts[-1]
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qt.demo", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m qt.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset-steps", type=int, default=None, help="default: D4RL's size")
     parser.add_argument("--epochs", type=int, default=None, help="default: configs/demo.yaml")
     parser.add_argument("--steps-per-epoch", type=int, default=None)
@@ -101,16 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
-    from qt.console import quiet
-
     quiet()  # no MLflow set-up lines when the demo creates the store
     t0 = time.perf_counter()
 
     hdf5 = _ensure_dataset(args.dataset_steps)
-    from qt.data.readers import read_d4rl_hdf5
-    from qt.data.store import TrajectoryStore
-    from qt.tasks import get_task
-
     traj = read_d4rl_hdf5(hdf5)
     store = TrajectoryStore(traj, scale=get_task(TASK).scale)
     ref_min, ref_max = get_task(TASK).ref_min_score, get_task(TASK).ref_max_score
@@ -129,10 +143,6 @@ def main(argv: list[str] | None = None) -> int:
         common += ["--trainer.max_epochs", str(args.epochs)]
     if args.steps_per_epoch is not None:
         common += ["--data.num_steps_per_iter", str(args.steps_per_epoch)]
-    import mlflow
-
-    from qt.tracking import default_tracking_uri
-
     # Create the store and the experiment here: two fits creating a fresh SQLite store at
     # once race on its schema migration.
     uri = default_tracking_uri(ROOT / "runs")
@@ -143,16 +153,15 @@ def main(argv: list[str] | None = None) -> int:
             EXPERIMENT, artifact_location=(ROOT / "runs" / "mlartifacts").as_uri()
         )
     logs = ROOT / "runs" / "demo"
-    models = {"QT": [], "DT": DT_ARGS}
+    models = {"QT": [], "QT-no-Q": NO_Q_ARGS}
     fits = {
         name: _launch(
             f"fit {name}",
-            [sys.executable, "cli.py", "fit", *common, *extra,
-             "--trainer.logger.init_args.run_name", f"demo-{name}"],
+            ["fit", *common, *extra, "--trainer.logger.init_args.run_name", f"demo-{name}"],
             logs / f"fit-{name}.log",
         )
         for name, extra in models.items()
-    }  # fmt: skip
+    }
     _wait({n: (p, logs / f"fit-{n}.log") for n, p in fits.items()})
     t_fit = time.perf_counter() - t0
 
@@ -160,13 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     tests = {
         name: _launch(
             f"test {name}",
-            [sys.executable, "cli.py", "test", *common, *models[name],
-             "--ckpt_path", str(_best_checkpoint(fit_runs[name])),
-             "--trainer.logger.init_args.run_name", f"demo-{name}-test"],
+            [
+                "test",
+                *common,
+                *models[name],
+                "--ckpt_path",
+                str(_best_checkpoint(fit_runs[name])),
+                "--trainer.logger.init_args.run_name",
+                f"demo-{name}-test",
+            ],
             logs / f"test-{name}.log",
         )
         for name in models
-    }  # fmt: skip
+    }
     _wait({n: (p, logs / f"test-{n}.log") for n, p in tests.items()})
     test_runs = {name: _run(client, f"demo-{name}-test") for name in models}
 
@@ -182,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{r.mean():.2f} (std {r.std():.2f}), normalised {data_score:.1f} "
         f"(D4RL's reference returns {ref_min:.2f} / {ref_max:.2f})",
         "",
-        f"{'':<34}{'QT':>10}{'DT':>10}",
+        f"{'':<34}{'QT':>10}{'QT-no-Q':>10}",
     ]
     rows = [
         ("best evaluation score during fit", fit_runs, "eval/best_normalized_score"),

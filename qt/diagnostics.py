@@ -28,7 +28,6 @@ The numbers go to stdout as a table and, with `--json`, to a file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -38,10 +37,16 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from qt.data.readers import Trajectories
+from qt.acting.episodes import run_episodes
+from qt.acting.policy import QTPolicy
+from qt.checkpointing import load_checkpoint
+from qt.data.readers import Trajectories, read_task
 from qt.data.sampler import gather_segments
 from qt.data.store import TrajectoryStore
-from qt.errors import UserError, report
+from qt.envs import make_env
+from qt.errors import ArgumentParser, UserError, report
+from qt.module import QTModule
+from qt.tasks import get_task
 
 
 def discounted_returns(rewards: np.ndarray, ends: np.ndarray, discount: float) -> np.ndarray:
@@ -72,8 +77,6 @@ def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
 def rewards_mark_the_goal(task: str) -> bool:
     """Whether the task's reward is 1 at the goal and 0 elsewhere: sparse Maze2D and AntMaze
     (not Kitchen, whose 0/1 rewards count subtasks completed in a step)."""
-    from qt.tasks import get_task
-
     found = get_task(task)
     return found.family in ("maze2d", "antmaze") and not found.dense
 
@@ -201,20 +204,10 @@ def critic_along_episodes(
     """`q_min` along evaluation episodes against the discounted return that followed, and
     the episodes' reaching and staying (`goal_occupancy`; None unless the task's rewards mark
     the goal)."""
-    from qt.acting.episodes import run_episodes
-    from qt.acting.policy import QTPolicy
-    from qt.envs import make_env
-    from qt.tasks import get_task
-
     hp = module.hparams
     log: list[dict] = []
-    policy = QTPolicy(
-        module.actor.eval(), module.critic_target, state_mean=module.state_mean,
-        state_std=module.state_std, scale=hp.scale,
-        env_targets=list(hp.env_targets or get_task(task).env_targets), K=hp.K,
-        max_ep_len=hp.max_ep_len, num_candidates=hp.num_candidates, rtg_no_q=hp.rtg_no_q,
-        infer_no_q=hp.infer_no_q,
-    )  # fmt: skip
+    module.actor.eval()
+    policy = QTPolicy.from_module(module, task)
     stats = run_episodes(policy, lambda: _Recorder(make_env(task), log), list(seeds))
     qs, gs = [], []
     for ep in log:
@@ -244,10 +237,6 @@ def diagnose(
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """All three diagnoses of one checkpoint on the task's dataset (see the module's docstring)."""
-    from qt.checkpointing import load_checkpoint
-    from qt.module import QTModule
-    from qt.tasks import get_task
-
     # the project's checked loader: weights only, one sentence for a broken file
     saved = load_checkpoint(ckpt)
     hparams = {k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")}
@@ -291,9 +280,7 @@ def format_report(name: str, report: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m qt.diagnostics", description=__doc__.split("\n\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m qt.diagnostics", description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpts", nargs="+", help="checkpoints (.ckpt) of one task")
     parser.add_argument("--task", required=True, help="the qt task name, e.g. maze2d-umaze-v1")
     parser.add_argument("--data", default=None, help="dataset path (as --data.path of a fit)")
@@ -305,14 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args(argv)
 
-    from qt.data.readers import read_task
-
     reports = {}
     try:
         trajectories = read_task(args.task, source=args.source, path=args.data)
         for ckpt in args.ckpts:
-            reports[ckpt] = diagnose(ckpt, args.task, trajectories, args.pairs, args.windows,
-                                     args.episodes, args.seed)  # fmt: skip
+            reports[ckpt] = diagnose(
+                ckpt, args.task, trajectories, args.pairs, args.windows, args.episodes, args.seed
+            )
             print(format_report(ckpt, reports[ckpt]), flush=True)
     except UserError as err:  # a bad checkpoint, task or dataset: one line, exit 2
         return report(err)

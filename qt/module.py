@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import lightning as L
@@ -22,6 +23,7 @@ from qt import losses
 from qt.data.batch import Segments
 from qt.errors import UserError
 from qt.models import QTActor, TwinCritic
+from qt.seeding import derived_seed
 
 
 class QTModule(L.LightningModule):
@@ -103,24 +105,49 @@ class QTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         _check_hparams(
-            state_dim=state_dim, act_dim=act_dim, K=K, max_ep_len=max_ep_len, scale=scale,
-            hidden_size=hidden_size, n_layer=n_layer, n_head=n_head, dropout=dropout,
+            state_dim=state_dim,
+            act_dim=act_dim,
+            K=K,
+            max_ep_len=max_ep_len,
+            scale=scale,
+            hidden_size=hidden_size,
+            n_layer=n_layer,
+            n_head=n_head,
+            dropout=dropout,
             critic_hidden_size=hidden_size if critic_hidden_size is None else critic_hidden_size,
-            learning_rate=learning_rate, critic_lr=critic_lr, max_iters=max_iters,
-            lambda_=lambda_, discount=discount, num_candidates=num_candidates,
-        )  # fmt: skip
+            learning_rate=learning_rate,
+            critic_lr=critic_lr,
+            max_iters=max_iters,
+            lambda_=lambda_,
+            discount=discount,
+            num_candidates=num_candidates,
+            eta=eta,
+        )
         _check_recipe(
-            eta=eta, rtg_no_q=rtg_no_q, infer_no_q=infer_no_q, train_critic=train_critic,
-            optimizer=optimizer, warmup_steps=warmup_steps, lr_decay=lr_decay,
-        )  # fmt: skip
+            eta=eta,
+            rtg_no_q=rtg_no_q,
+            infer_no_q=infer_no_q,
+            train_critic=train_critic,
+            optimizer=optimizer,
+            warmup_steps=warmup_steps,
+            lr_decay=lr_decay,
+        )
         self.save_hyperparameters()
         self.automatic_optimization = False
 
         self.actor = QTActor(
-            state_dim, act_dim, hidden_size=hidden_size, n_layer=n_layer, n_head=n_head, K=K,
-            max_ep_len=max_ep_len, dropout=dropout, sar=sar, scale=scale,
+            state_dim,
+            act_dim,
+            hidden_size=hidden_size,
+            n_layer=n_layer,
+            n_head=n_head,
+            K=K,
+            max_ep_len=max_ep_len,
+            dropout=dropout,
+            sar=sar,
+            scale=scale,
             embed_dropout=embed_dropout,
-        )  # fmt: skip
+        )
         critic_width = hidden_size if critic_hidden_size is None else critic_hidden_size
         self.critic = TwinCritic(state_dim, act_dim, hidden_size=critic_width)
         # Target copies start as exact copies; they learn only through TargetNetworks.
@@ -180,30 +207,45 @@ class QTModule(L.LightningModule):
         return [actor_opt, critic_opt], schedulers
 
     def training_step(self, batch: Segments, batch_idx: int) -> None:
-        hp = self.hparams
-        if not hp.train_critic:
+        if not self.hparams.train_critic:
             return self._actor_only_step(batch)
         actor_opt, critic_opt = self.optimizers()
+        metrics = self.train_step(batch, actor_opt, critic_opt, self.manual_backward)
+        self._warm_up()  # after the step (its metrics hold the learning rates it used)
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def train_step(
+        self,
+        batch: Segments,
+        actor_opt,
+        critic_opt,
+        backward: Callable[[torch.Tensor], None],
+        stop_nonfinite: bool = False,
+    ) -> dict[str, torch.Tensor | float]:
+        """One training step (critic, then actor) with the given optimisers; its metrics.
+
+        `training_step` passes Lightning's optimisers and `manual_backward`; a packed fit run as
+        a loop (`qt.pack.loop`) passes each member's own Adam pair and `Tensor.backward`, so
+        every member takes exactly this step. With `stop_nonfinite`, a half-step whose loss or
+        gradient norm is not finite is not applied (its optimizer does not step) and the metrics
+        carry `train/nonfinite` 1.0; the step count then stays where it was.
+        """
+        hp = self.hparams
         coin_gen, noise_gen = self._step_generators()
 
         # ---- critic: n-step targets from the EMA actor and the target critic
         critic_loss, target_q, rewards = self._critic_loss(batch, noise_gen)
         critic_opt.zero_grad(set_to_none=True)
-        self.manual_backward(critic_loss)
+        backward(critic_loss)
         critic_grad_norm = _clip(self.critic.parameters(), hp.grad_norm)
-        critic_opt.step()
+        finite = not stop_nonfinite or _finite(critic_loss, critic_grad_norm)
+        if finite:
+            critic_opt.step()
 
         # ---- actor: behaviour cloning plus the normalised Q term. `rewards` is the batch's
         # with rewards[:, K-1] zeroed when the critic's targets did so (the reference zeroes
         # them in place, so its actor and its `sar` reward loss see the zeroed copy).
-        out = self.actor(
-            batch.states, batch.actions, rewards, batch.rtg[:, :-1], batch.timesteps, batch.mask
-        )
-        bc_loss = losses.bc_loss(
-            out.action_preds, batch.actions, out.state_preds, batch.states, batch.mask,
-            reward_preds=out.reward_preds, rewards=rewards, scale=hp.scale,
-            next_state=hp.next_state_loss,
-        )  # fmt: skip
+        out, bc_loss = self._behaviour_cloning(batch, rewards)
         # The Q term reads the critic, which must not learn from it here: the reference
         # leaves these gradients in the critic and clears them at the next critic step.
         # Freezing the critic for this forward gives the same parameters and keeps DDP's
@@ -215,29 +257,48 @@ class QTModule(L.LightningModule):
         actor_loss = self.eta2.to(bc_loss.dtype) * bc_loss + hp.eta * q_loss
 
         actor_opt.zero_grad(set_to_none=True)
-        self.manual_backward(actor_loss)
+        backward(actor_loss)
         actor_grad_norm = _clip(self.actor.parameters(), hp.grad_norm)
-        actor_opt.step()
-        lrs = actor_opt.param_groups[0]["lr"], critic_opt.param_groups[0]["lr"]
-        self._warm_up()
-        self._steps += 1
-        self.train_steps.fill_(self._steps)
+        finite = finite and (not stop_nonfinite or _finite(actor_loss, actor_grad_norm))
+        if finite:
+            actor_opt.step()
+            self._steps += 1
+            self.train_steps.fill_(self._steps)
 
-        self.log_dict(
-            {
-                "train/critic_loss": critic_loss.detach(),
-                "train/bc_loss": bc_loss.detach(),
-                "train/q_loss": q_loss.detach(),
-                "train/actor_loss": actor_loss.detach(),
-                "train/target_q_mean": target_q.mean(),
-                "train/actor_grad_norm": actor_grad_norm,
-                "train/critic_grad_norm": critic_grad_norm,
-                "lr/actor": lrs[0],
-                "lr/critic": lrs[1],
-            },
-            on_step=True,
-            on_epoch=False,
+        metrics = {
+            "train/critic_loss": critic_loss.detach(),
+            "train/bc_loss": bc_loss.detach(),
+            "train/q_loss": q_loss.detach(),
+            "train/actor_loss": actor_loss.detach(),
+            "train/target_q_mean": target_q.mean(),
+            "train/actor_grad_norm": actor_grad_norm,
+            "train/critic_grad_norm": critic_grad_norm,
+            "lr/actor": actor_opt.param_groups[0]["lr"],
+            "lr/critic": critic_opt.param_groups[0]["lr"],
+        }
+        if stop_nonfinite:
+            metrics["train/nonfinite"] = torch.tensor(0.0 if finite else 1.0)
+        return metrics
+
+    def _behaviour_cloning(self, batch: Segments, rewards: torch.Tensor):
+        """The actor's forward on the batch, `rewards` its reward inputs, and its behaviour-
+        cloning loss (docs/algorithm.md §3.2): what QT's step and the actor-only step share."""
+        hp = self.hparams
+        out = self.actor(
+            batch.states, batch.actions, rewards, batch.rtg[:, :-1], batch.timesteps, batch.mask
         )
+        bc_loss = losses.bc_loss(
+            out.action_preds,
+            batch.actions,
+            out.state_preds,
+            batch.states,
+            batch.mask,
+            reward_preds=out.reward_preds,
+            rewards=rewards,
+            scale=hp.scale,
+            next_state=hp.next_state_loss,
+        )
+        return out, bc_loss
 
     def _actor_only_step(self, batch: Segments) -> None:
         """A step without a critic (train_critic false): behaviour cloning of the actor alone.
@@ -249,15 +310,7 @@ class QTModule(L.LightningModule):
         hp = self.hparams
         actor_opt, _ = self.optimizers()
         self._step_generators()
-        out = self.actor(
-            batch.states, batch.actions, batch.rewards, batch.rtg[:, :-1], batch.timesteps,
-            batch.mask,
-        )  # fmt: skip
-        bc_loss = losses.bc_loss(
-            out.action_preds, batch.actions, out.state_preds, batch.states, batch.mask,
-            reward_preds=out.reward_preds, rewards=batch.rewards, scale=hp.scale,
-            next_state=hp.next_state_loss,
-        )  # fmt: skip
+        _, bc_loss = self._behaviour_cloning(batch, batch.rewards)
         actor_loss = self.eta2.to(bc_loss.dtype) * bc_loss
         actor_opt.zero_grad(set_to_none=True)
         self.manual_backward(actor_loss)
@@ -297,9 +350,9 @@ class QTModule(L.LightningModule):
         """
         n, seed = self._steps, self._seed
         rank = self.global_rank if self._trainer is not None else 0
-        torch.manual_seed(_mix(seed, n, 2 + rank))
-        coin = torch.Generator().manual_seed(_mix(seed, n, 0))
-        noise = torch.Generator().manual_seed(_mix(seed, n, 1))
+        torch.manual_seed(derived_seed(seed, n, 2 + rank))
+        coin = torch.Generator().manual_seed(derived_seed(seed, n, 0))
+        noise = torch.Generator().manual_seed(derived_seed(seed, n, 1))
         return coin, noise
 
     def _critic_loss(
@@ -325,9 +378,13 @@ class QTModule(L.LightningModule):
                 tq1, tq2 = self.critic_target(src.states, next_actions)  # (B*R, K, 1)
             q_next = losses.bootstrap_q(tq1, tq2, repeats)
             target_q, rewards = losses.critic_targets(
-                batch, q_next, discount=hp.discount, scale=hp.scale,
-                k_rewards=hp.k_rewards, use_discount=hp.use_discount,
-            )  # fmt: skip
+                batch,
+                q_next,
+                discount=hp.discount,
+                scale=hp.scale,
+                k_rewards=hp.k_rewards,
+                use_discount=hp.use_discount,
+            )
         critic_loss = losses.critic_loss(q1, q2, target_q, batch.mask)
         return critic_loss, target_q, rewards
 
@@ -345,10 +402,6 @@ class QTModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx) -> None:
         """Validation is acting in the environment: `qt.callbacks.evaluation` does it."""
-
-    # ------------------------------------------------------------------ acting helpers
-    def normalize_states(self, states: torch.Tensor) -> torch.Tensor:
-        return (states - self.state_mean) / self.state_std
 
 
 class _Warmup:
@@ -371,14 +424,12 @@ def _clip(params, max_norm: float) -> torch.Tensor:
     return nn.utils.clip_grad_norm_(params, max_norm=limit, norm_type=2.0, foreach=True)
 
 
-def _mix(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix64 over them): distinct inputs, unrelated streams."""
-    x = 0x9E3779B97F4A7C15
-    for part in parts:
-        x = (x ^ (part & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 29
-    return x >> 1
+_mix = derived_seed  # the name qt.pack.module imports the per-step seeds by
+
+
+def _finite(*values: torch.Tensor) -> bool:
+    """Whether every value is finite (one host synchronisation; the packed loop's guard)."""
+    return bool(torch.isfinite(torch.stack([v.detach().float() for v in values])).all())
 
 
 def _check_recipe(
@@ -403,8 +454,18 @@ def _check_recipe(
 
 
 def _check_hparams(**values) -> None:
-    positive_ints = ("state_dim", "act_dim", "K", "max_ep_len", "hidden_size", "n_layer",
-                     "n_head", "max_iters", "num_candidates", "critic_hidden_size")  # fmt: skip
+    positive_ints = (
+        "state_dim",
+        "act_dim",
+        "K",
+        "max_ep_len",
+        "hidden_size",
+        "n_layer",
+        "n_head",
+        "max_iters",
+        "num_candidates",
+        "critic_hidden_size",
+    )
     for name in positive_ints:
         v = values[name]
         if not isinstance(v, int) or v < 1:
@@ -412,6 +473,11 @@ def _check_hparams(**values) -> None:
     for name in ("scale", "learning_rate", "critic_lr", "lambda_"):
         if not values[name] > 0:
             raise UserError(f"model.{name}={values[name]!r}: expected a number > 0.")
+    if not values["eta"] >= 0:  # NaN fails too
+        raise UserError(
+            f"model.eta={values['eta']!r}: expected a number >= 0 (the weight of the Q term "
+            "in the actor's loss; 0 leaves it out)."
+        )
     if not 0.0 <= values["dropout"] < 1.0:
         raise UserError(f"model.dropout={values['dropout']!r}: expected a number in [0, 1).")
     if not 0.0 <= values["discount"] <= 1.0:

@@ -10,8 +10,8 @@ break the store for good. Every process therefore opens the store (MLflow's clie
 construction), its experiment and its run while holding an exclusive lock on `<db>.lock`
 beside the database; after that, SQLite's own locking is enough.
 
-The experiment is tagged as a model-training experiment, so MLflow 3's UI opens it on its
-runs table rather than its GenAI (traces) view.
+The experiment is tagged as a model-training experiment (`qt.ui.EXPERIMENT_KIND_TAG`), so
+MLflow 3's UI opens it on its runs table.
 
 A run is written by one process at a time: the process that creates or reopens it holds an
 exclusive `flock` on `run.lock` in the run's folder (`<save_dir>/<experiment id>/<run id>/`)
@@ -23,18 +23,22 @@ never keeps a run.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import socket
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger
+from mlflow.exceptions import MlflowException
 
+from qt.checkpointing import LAST, checkpoint_dir
 from qt.errors import UserError
-
-# MLflow 3's experiment kind: runs table (not traces) for model-training experiments
-EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+from qt.ui import EXPERIMENT_KIND_TAG
 
 
 def default_tracking_uri(save_dir: str | os.PathLike = "runs") -> str:
@@ -78,8 +82,6 @@ def open_experiment(client, name: str, artifact_location: str | None = None) -> 
 
     Call it under `store_lock`: it is the first use of the store, which creates its tables.
     """
-    from mlflow.exceptions import MlflowException
-
     exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage == "deleted":
         try:
@@ -116,8 +118,6 @@ def hold_run(folder: str | os.PathLike, run_id: str) -> None:
         import fcntl
     except ImportError:  # not POSIX: no lock
         return
-    import socket
-    import time
 
     path = (Path(folder) / RUN_LOCK).resolve()
     if path in _held:
@@ -225,10 +225,23 @@ class MLFlowLogger(_MLFlowLogger):
 # apart, and `--ckpt_path last` never resumes one from the other. Options a user may change
 # when continuing a run (learning rates, dropout, max_iters, ...) are not part of it.
 VARIANT_OPTIONS = (
-    "eta", "eta2", "lambda_", "discount", "k_rewards", "use_discount", "max_q_backup",
-    "rtg_no_q", "infer_no_q", "num_candidates", "ema_dropout", "sar",
-    "K", "hidden_size", "n_layer", "n_head",
-)  # fmt: skip
+    "eta",
+    "eta2",
+    "lambda_",
+    "discount",
+    "k_rewards",
+    "use_discount",
+    "max_q_backup",
+    "rtg_no_q",
+    "infer_no_q",
+    "num_candidates",
+    "ema_dropout",
+    "sar",
+    "K",
+    "hidden_size",
+    "n_layer",
+    "n_head",
+)
 # Options added later, with the value every earlier run had: they enter the hash only when they
 # differ from it, so that runs made before they existed keep their variant ids.
 LATER_VARIANT_OPTIONS = {"train_critic": True, "next_state_loss": True}
@@ -238,19 +251,44 @@ LEGACY_LABELS = {"qt-no-q": "dt"}
 
 
 def variant_label(model: dict) -> str:
-    """What a model is (docs/baselines.md): `dt`, the Decision Transformer as published (no
-    critic trained: `train_critic` false); `qt-no-q`, QT's trainer without Q (eta 0, and no Q in
-    the return-to-go targets or in acting: rtg_no_q, infer_no_q); else `qt`."""
+    """What a model is, from what its settings do (docs/baselines.md): `dt`, the Decision
+    Transformer as published (no critic trained: `train_critic` false); `qt`, Q in all three
+    places QT puts it (the actor's loss: eta > 0; the return-to-go targets: not rtg_no_q;
+    acting: not infer_no_q); `qt-no-q`, Q in none of them; else `qt-no-q-` and the places
+    without it, e.g. `qt-no-q-loss-rtg` for eta 0 and rtg_no_q with Q still used in acting."""
     if not model.get("train_critic", True):
         return "dt"
-    if float(model.get("eta", 1.0)) == 0.0 and model.get("rtg_no_q") and model.get("infer_no_q"):
-        return "qt-no-q"
-    return "qt"
+    without = [
+        place
+        for place, off in (
+            ("loss", float(model.get("eta", 1.0)) == 0.0),
+            ("rtg", bool(model.get("rtg_no_q"))),
+            ("acting", bool(model.get("infer_no_q"))),
+        )
+        if off
+    ]
+    if not without:
+        return "qt"
+    return "qt-no-q" if len(without) == 3 else "qt-no-q-" + "-".join(without)
+
+
+# short forms of task names in run names, so the MLflow runs table shows the seed
+_SHORT_TASK = (("maze2d-", "m2d-"), ("antmaze-", "ant-"), ("halfcheetah-", "cheetah-"),
+               ("walker2d-", "walker-"), ("medium-replay", "mr"), ("medium-expert", "me"))  # fmt: skip
+
+
+def run_name(task: str, seed: object, model: dict, kind: str = "") -> str:
+    """A run's name, short enough for the runs table: `m2d-umaze/qt/s123` (task without its
+    version, variant, seed); `kind` adds a suffix (`/test` for a test run)."""
+    import re
+
+    short = re.sub(r"-v\d+$", "", str(task))
+    for long, abbrev in _SHORT_TASK:
+        short = short.replace(long, abbrev)
+    return f"{short}/{variant_label(model)}/s{seed}" + (f"/{kind}" if kind else "")
 
 
 def _variant_hash(model: dict) -> str:
-    import hashlib
-    import json
 
     values = {k: model.get(k) for k in VARIANT_OPTIONS}
     for k, default in LATER_VARIANT_OPTIONS.items():
@@ -269,7 +307,9 @@ def variant_id(model: dict) -> str:
 
 def legacy_variant_ids(model: dict) -> list[str]:
     """The ids the same model had under the labels' earlier names (`dt-<hash>` for `qt-no-q`)."""
-    old = LEGACY_LABELS.get(variant_label(model))
+    label = variant_label(model)
+    # labels named by what the model does; these models were `qt` before
+    old = LEGACY_LABELS.get(label, "qt" if label.startswith("qt-no-q-") else None)
     return [] if old is None else [f"{old}-{_variant_hash(model)}"]
 
 
@@ -316,7 +356,7 @@ def resume_checkpoint(init_args, ckpt: str, named: bool, earlier: Sequence[str] 
         exp = client.get_experiment_by_name(experiment)
 
     def last_of(run) -> Path:
-        return save_dir / run.info.experiment_id / run.info.run_id / "checkpoints" / "last.ckpt"
+        return checkpoint_dir(save_dir, run.info.experiment_id, run.info.run_id) / LAST
 
     if ckpt.startswith("run:"):
         run_id = ckpt[len("run:") :]
@@ -355,10 +395,16 @@ def resume_checkpoint(init_args, ckpt: str, named: bool, earlier: Sequence[str] 
         query = f"tags.`{IDENTITY_TAG}` = '{each}'"
         if named:
             query += f" and tags.mlflow.runName = '{name}'"
-        runs += [] if exp is None else client.search_runs(
-            [exp.experiment_id], filter_string=query,
-            order_by=["attributes.start_time DESC"], max_results=50,
-        )  # fmt: skip
+        runs += (
+            []
+            if exp is None
+            else client.search_runs(
+                [exp.experiment_id],
+                filter_string=query,
+                order_by=["attributes.start_time DESC"],
+                max_results=50,
+            )
+        )
     runs.sort(key=lambda run: run.info.start_time, reverse=True)
     for run in runs:
         if last_of(run).is_file():

@@ -170,3 +170,89 @@ def test_inconsistent_recipes_are_named(options, words):
     with pytest.raises(UserError, match=words):
         QTModule(state_dim=S, act_dim=A, K=K, max_ep_len=K, hidden_size=8, n_layer=1, n_head=2,
                  **options)  # fmt: skip
+
+
+def test_published_dt_acts_as_the_authors_evaluate_episode_rtg():
+    """With rtg_no_q and infer_no_q the policy acts as the authors' DT evaluation loop, written
+    out here for one episode: the last K normalised states, the actions with a zero placeholder
+    for step t, returns-to-go from target / scale less each reward / scale, left zero padding;
+    the first of several targets; the critic never consulted."""
+    import numpy as np
+
+    from qt.acting.policy import QTPolicy
+    from qt.models import QTActor
+
+    class NoCritic(torch.nn.Module):
+        def q_min(self, *args):
+            raise AssertionError("the DT's acting must not read a critic")
+
+    torch.manual_seed(5)
+    Kp, scale, targets = 4, 10.0, [300.0, 150.0]
+    actor = QTActor(S, A, 16, 2, 2, K=Kp, max_ep_len=50, dropout=0.1, scale=scale).eval()
+    mean, std = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([2.0, 1.0, 0.5])
+    policy = QTPolicy(actor, NoCritic(), state_mean=mean, state_std=std, scale=scale,
+                      env_targets=targets, K=Kp, max_ep_len=50, rtg_no_q=True, infer_no_q=True)  # fmt: skip
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(1, S)).astype(np.float32)
+    policy.reset(obs, seeds=[3])
+    states = [(torch.as_tensor(obs[0]) - mean) / std]
+    actions: list[torch.Tensor] = []
+    rewards: list[float] = []
+    rtg = [torch.tensor(targets[0] / scale)]
+    for t in range(7):
+        # the authors' get_action: the last K steps, the newest action and reward zero
+        acts = torch.stack([*actions, torch.zeros(A)])[-Kp:]
+        st = torch.stack(states)[-Kp:]
+        rw = torch.tensor([*rewards, 0.0])[-Kp:]
+        rt = torch.stack(rtg)[-Kp:]
+        ts = torch.arange(t + 1)[-Kp:]
+        n, pad = st.shape[0], Kp - st.shape[0]
+        out = actor(
+            torch.cat([torch.zeros(pad, S), st])[None],
+            torch.cat([torch.zeros(pad, A), acts])[None],
+            torch.cat([torch.zeros(pad), rw])[None, :, None],
+            torch.cat([torch.zeros(pad), rt])[None, :, None],
+            torch.cat([torch.zeros(pad, dtype=torch.long), ts])[None],
+            torch.cat([torch.zeros(pad), torch.ones(n)])[None].long(),
+        )
+        want = out.action_preds[0, -1]
+        got = policy.act()
+        torch.testing.assert_close(torch.as_tensor(got[0]), want, rtol=1e-5, atol=1e-6)
+        reward = float(rng.normal())
+        nxt = rng.normal(size=(1, S)).astype(np.float32)
+        policy.observe(got, [reward], nxt)
+        actions.append(torch.as_tensor(got[0]))
+        rewards.append(reward)
+        rtg.append(rtg[-1] - torch.tensor(reward / scale, dtype=torch.float32))
+        states.append((torch.as_tensor(nxt[0]) - mean) / std)
+
+
+def test_a_resumed_dt_fit_continues_its_warmup(tmp_path):
+    """The warm-up's step count travels in the checkpoint: one iteration, saved, then a second
+    from the checkpoint, gives the learning rates and parameters of two iterations straight."""
+
+    def module() -> QTModule:
+        torch.manual_seed(0)
+        return QTModule(state_dim=S, act_dim=A, K=K, max_ep_len=K, hidden_size=8, n_layer=1,
+                        n_head=2, warmup_steps=10, **DT)  # fmt: skip
+
+    def trainer(epochs: int, logged: _Lrs) -> L.Trainer:
+        return L.Trainer(
+            accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path, callbacks=[logged],
+        )  # fmt: skip
+
+    data = torch.utils.data.DataLoader([make_batch(i) for i in range(3)], batch_size=None)
+    first, second, straight = _Lrs(), _Lrs(), _Lrs()
+    t = trainer(1, first)
+    t.fit(module(), data)
+    t.save_checkpoint(tmp_path / "one.ckpt")
+    resumed = module()
+    trainer(2, second).fit(resumed, data, ckpt_path=tmp_path / "one.ckpt")
+    whole = module()
+    trainer(2, straight).fit(whole, data)
+    lrs = [s["lr/actor"] for s in first.steps + second.steps]
+    assert lrs == pytest.approx([n * 3e-4 / 10 for n in range(1, 7)], rel=1e-6)  # lr 3e-4
+    assert lrs == [s["lr/actor"] for s in straight.steps]
+    for name, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name

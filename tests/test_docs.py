@@ -156,5 +156,5 @@ def test_each_explanatory_document_has_its_diagram():
 
 def test_the_readme_links_to_the_documents():
     readme = (ROOT / "README.md").read_text()
-    for name in ("algorithm", "data", "training", "acting", "datagen"):
+    for name in ("algorithm", "data", "training", "acting", "datagen", "baselines"):
         assert f"docs/{name}.md" in readme, name

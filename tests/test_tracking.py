@@ -98,8 +98,13 @@ def test_variant_ids_tell_dt_from_qt_and_ignore_what_may_change_on_resume():
     dt_model = dict(no_q, train_critic=False, next_state_loss=False)
     assert variant_label(qt_model) == "qt" and variant_label(no_q) == "qt-no-q"
     assert variant_label(dt_model) == "dt"
-    # eta 0 alone still uses Q in its targets and acting: not the ablation
-    assert variant_label(dict(qt_model, eta=0)) == "qt"
+    # named by where Q is left out: eta 0 alone is not QT, nor the whole ablation
+    assert variant_label(dict(qt_model, eta=0)) == "qt-no-q-loss"
+    assert variant_label(dict(qt_model, eta=0, rtg_no_q=True)) == "qt-no-q-loss-rtg"
+    assert variant_label(dict(qt_model, infer_no_q=True)) == "qt-no-q-acting"
+    # and keeps finding its runs made under the name it had before (`qt`)
+    mixed = dict(qt_model, eta=0, rtg_no_q=True)
+    assert legacy_identities("t", 1, mixed) == [f"t/qt-{variant_id(mixed)[-8:]}/seed1"]
 
     # the hash of runs made before train_critic/next_state_loss existed is kept: the options
     # enter it only when they differ from the value those runs had
@@ -177,8 +182,8 @@ def test_last_resumes_the_run_of_the_same_variant_and_leaves_the_other_untouched
     assert (
         runs["dt"].data.tags["variant"] == "dt-baseline" and runs["qt"].data.tags["variant"] == "qt"
     )
-    assert runs["dt"].info.run_name == "maze2d-umaze-v1-qt-no-q-seed123"
-    assert runs["qt"].info.run_name == "maze2d-umaze-v1-qt-seed123"
+    assert runs["dt"].info.run_name == "m2d-umaze/qt-no-q/s123"
+    assert runs["qt"].info.run_name == "m2d-umaze/qt/s123"
     assert (
         runs["dt"].data.tags["task"] == "maze2d-umaze-v1" and runs["dt"].data.tags["seed"] == "123"
     )

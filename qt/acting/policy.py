@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from qt.tasks import get_task
+
 NOISE_STD = 0.1  # docs/algorithm.md §4 step 2
 
 
@@ -103,6 +105,34 @@ class QTPolicy:
         self.act_dim = actor.act_dim
         self.t = 0
         self.generators: list[torch.Generator] = []
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        task: str,
+        max_ep_len: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> QTPolicy:
+        """The policy a `QTModule` acts with: its actor, its target critic (docs/algorithm.md
+        §4), its data's statistics and its hyperparameters. A module built without the data's
+        facts (no `env_targets`) acts with the registry's targets of `task`; `max_ep_len`, when
+        given, replaces the module's (a shorter evaluation)."""
+        hp = module.hparams
+        return cls(
+            module.actor,
+            module.critic_target,
+            state_mean=module.state_mean,
+            state_std=module.state_std,
+            scale=hp.scale,
+            env_targets=list(hp.env_targets or get_task(task).env_targets),
+            K=hp.K,
+            max_ep_len=max_ep_len or hp.max_ep_len,
+            num_candidates=hp.num_candidates,
+            rtg_no_q=hp.rtg_no_q,
+            infer_no_q=hp.infer_no_q,
+            device=device,
+        )
 
     # ------------------------------------------------------------------ episode bookkeeping
     def reset(self, observations: np.ndarray | torch.Tensor, seeds: Sequence[int]) -> None:
@@ -249,9 +279,14 @@ class QTPolicy:
         shared = self.share_prefix and K >= 2 and not self.actor.sar and not self.actor.training
         if shared:
             preds = self.actor.newest_actions(
-                win["states"], win["actions"], group_rtg, rtg[:, :, -1], group_of,
-                win["timesteps"], win["mask"],
-            )  # fmt: skip
+                win["states"],
+                win["actions"],
+                group_rtg,
+                rtg[:, :, -1],
+                group_of,
+                win["timesteps"],
+                win["mask"],
+            )
         else:
             preds = self._all_candidates(win, rtg)
         last_state = win["states"][:, -1][:, None].expand(E, N, self.state_dim)

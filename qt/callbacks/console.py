@@ -1,16 +1,25 @@
 """What a fit says on the console: losses and the latest and best evaluation score on the
 progress bar, one line per evaluation (written by `Evaluation` through `qt.console.say`), and at
 the end the run, its best score and checkpoint, and how to open it in the MLflow UI.
+
+When `QT_STATUS_FILE` names a file (the demo and a study set it for each fit they start, whose
+console goes to a log), the fit also keeps its progress there, at most every few seconds:
+iteration, step, rate, and latest and best score; `qt.console.status_line` reads it.
 """
 
 from __future__ import annotations
+
+import math
+import os
+import time
 
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from qt.callbacks.evaluation import Evaluation
-from qt.console import say
+from qt.console import STATUS_ENV, say, write_status
+from qt.ui import run_url
 
 # callback metric -> its name on the progress bar
 BAR_METRICS = {
@@ -26,14 +35,58 @@ def _format(value: float) -> str:
     return f"{value:.4g}"
 
 
-def _ui_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    base = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
-    # workflowType: MLflow 3's UI otherwise opens on its GenAI (traces) view
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-
-
 class Console(L.Callback):
     """The progress bar's metrics, the run's first line and its closing summary (rank 0)."""
+
+    STATUS_EVERY_S = 2.0
+
+    def __init__(self) -> None:
+        self._status_path = os.environ.get(STATUS_ENV) or None
+        self._status_t = 0.0
+        self._start: tuple[float, int] | None = None  # (time, step) this process began at
+
+    def _write_status(self, trainer: L.Trainer, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._status_path is None or (not force and now - self._status_t < self.STATUS_EVERY_S):
+            return
+        self._status_t = now
+        if not math.isfinite(trainer.num_training_batches):  # an unbounded iteration
+            return
+        per_iter = int(trainer.num_training_batches)
+        step = int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
+        if self._start is None:
+            self._start = (now, step)
+        t0, step0 = self._start
+        rate = (step - step0) / (now - t0) if now > t0 and step > step0 else None
+        score = best = None
+        for cb in trainer.callbacks:
+            if isinstance(cb, Evaluation) and cb.best_iteration:
+                metrics = trainer.callback_metrics
+                score = metrics.get("eval/normalized_score")
+                best = metrics.get("eval/best_normalized_score")
+        try:
+            write_status(self._status_path, {
+                "iteration": min(trainer.current_epoch + 1, trainer.max_epochs),
+                "iterations": trainer.max_epochs, "step": step,
+                "steps": per_iter * trainer.max_epochs, "rate": rate,
+                "score": None if score is None else float(score),
+                "best": None if best is None else float(best),
+            })  # fmt: skip
+        except OSError:  # progress is a courtesy: never stop a fit for it
+            self._status_path = None
+
+    @rank_zero_only
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = None
+        self._write_status(trainer, force=True)
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._write_status(trainer)
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write_status(trainer, force=True)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         bar = trainer.progress_bar_callback
@@ -53,8 +106,11 @@ class Console(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run = self._run(trainer)
         if run is not None:
-            say(trainer, f"run {run['name']}: MLflow run {run['id']} (experiment {run['exp']}, "
-                         f"{run['uri']})")  # fmt: skip
+            say(
+                trainer,
+                f"run {run['name']}: MLflow run {run['id']} (experiment {run['exp']}, "
+                f"{run['uri']})",
+            )
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -73,18 +129,20 @@ class Console(L.Callback):
         if best is not None and best.best_model_score is not None:
             at = [cb.best_iteration for cb in trainer.callbacks if isinstance(cb, Evaluation)]
             where = f" (iteration {at[0]})" if at and at[0] else ""
-            lines.append(f"best      {best.monitor} {_format(float(best.best_model_score))}"
-                         f"{where}: {best.best_model_path}")  # fmt: skip
+            lines.append(
+                f"best      {best.monitor} {_format(float(best.best_model_score))}"
+                f"{where}: {best.best_model_path}"
+            )
         if last:
             resume = f"--ckpt_path run:{run['id']}" if run is not None else "--ckpt_path last"
             lines.append(f"last      {last} (continue with {resume})")
         if run is not None:
             if run["uri"].startswith("http"):
-                lines.append(f"open      {_ui_url(run['uri'], run['exp_id'], run['id'])}")
+                lines.append(f"open      {run_url(run['uri'], run['exp_id'], run['id'])}")
             else:
                 lines.append(
                     f"open      make ui (or mlflow ui --backend-store-uri {run['uri']}), then "
-                    f"{_ui_url(run['uri'], run['exp_id'], run['id'])}"
+                    f"{run_url(run['uri'], run['exp_id'], run['id'])}"
                 )
         if lines:
             say(trainer, "\n".join(lines))
@@ -96,8 +154,13 @@ class Console(L.Callback):
                 client = logger.experiment
                 info = client.get_run(logger.run_id).info
                 exp = client.get_experiment(info.experiment_id)
-                return {"id": info.run_id, "name": info.run_name, "exp": exp.name,
-                        "exp_id": info.experiment_id, "uri": logger._tracking_uri}  # fmt: skip
+                return {
+                    "id": info.run_id,
+                    "name": info.run_name,
+                    "exp": exp.name,
+                    "exp_id": info.experiment_id,
+                    "uri": logger._tracking_uri,
+                }
         return None
 
 

@@ -22,6 +22,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.aggregation import CatMetric
 
+from qt.acting.episodes import run_episodes
+from qt.acting.policy import QTPolicy
 from qt.console import say
 from qt.envs import make_env
 from qt.errors import UserError
@@ -78,9 +80,7 @@ class EvalSummary:
 
 def record_episode(policy, task: str, seed: int, path: Path, fps: int = 30) -> int:
     """Play episode `seed` in a rendering environment and write its frames as an MP4."""
-    import imageio.v2 as imageio
-
-    from qt.acting.episodes import run_episodes
+    import imageio.v2 as imageio  # optional: pip install 'qt[video]'
 
     envs: list = []
     frames: list = []
@@ -133,8 +133,11 @@ class Evaluation(L.Callback):
         record_video: bool = False,
         video_fps: int = 30,
     ) -> None:
-        for name, v in (("num_eval_episodes", num_eval_episodes), ("test_episodes", test_episodes),
-                        ("eval_every_n_epochs", eval_every_n_epochs)):  # fmt: skip
+        for name, v in (
+            ("num_eval_episodes", num_eval_episodes),
+            ("test_episodes", test_episodes),
+            ("eval_every_n_epochs", eval_every_n_epochs),
+        ):
             if v < 1:
                 raise UserError(f"Evaluation.{name}={v}: expected a whole number >= 1.")
         self.num_eval_episodes = num_eval_episodes
@@ -159,13 +162,22 @@ class Evaluation(L.Callback):
         env.close()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch
+        metrics = self.evaluate_iteration(trainer, pl_module, trainer.current_epoch)
+        if metrics is not None:
+            pl_module.log_dict(metrics, on_epoch=True, sync_dist=False, rank_zero_only=False)
+
+    def evaluate_iteration(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, label: str = ""
+    ) -> dict[str, float] | None:
+        """The evaluation after iteration `epoch` (None when it has none): the episodes, the
+        best so far, the console line. A packed fit calls it for each member, with the member's
+        module and `label` naming the member in the lines it prints."""
         if (epoch + 1) % self.eval_every_n_epochs:
-            return
+            return None
         base = self.episode_base(pl_module)
         seeds = [base + 100_000 * epoch + i for i in range(self.num_eval_episodes)]
         of = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
-        say(trainer, f"iteration {epoch + 1}{of}: evaluating {len(seeds)} episodes ...")
+        say(trainer, f"{label}iteration {epoch + 1}{of}: evaluating {len(seeds)} episodes ...")
         start = time.perf_counter()
         summary = self.evaluate(trainer, pl_module, seeds)
         self._video(trainer, pl_module, seeds[0], f"epoch{epoch:04d}")
@@ -178,15 +190,16 @@ class Evaluation(L.Callback):
             best_key = key.replace("eval/", "eval/best_")
             self.best[best_key] = max(self.best.get(best_key, -math.inf), metrics[key])
         metrics.update(self.best)
-        pl_module.log_dict(metrics, on_epoch=True, sync_dist=False, rank_zero_only=False)
         say(
             trainer,
-            f"iteration {epoch + 1}{of}: normalized score {metrics['eval/normalized_score']:.2f} "
+            f"{label}iteration {epoch + 1}{of}: normalized score "
+            f"{metrics['eval/normalized_score']:.2f} "
             f"(best {self.best['eval/best_normalized_score']:.2f}, iteration "
             f"{self.best_iteration}), return {metrics['eval/return_mean']:.2f} "
             f"± {metrics['eval/return_std']:.2f}, length {metrics['eval/length_mean']:.0f}; "
             f"{len(seeds)} episodes in {time.perf_counter() - start:.1f} s",
         )
+        return metrics
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._final(trainer, pl_module, "test")
@@ -218,8 +231,6 @@ class Evaluation(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, seeds: list[int]
     ) -> EvalSummary:
         """Run this rank's share of the episodes and gather every rank's results."""
-        from qt.acting.episodes import run_episodes  # acting code is loaded only when it acts
-
         task_name = self._task_name(trainer)
         ref_min, ref_max = self._ref_scores(task_name)
         mine = seeds[trainer.global_rank :: trainer.world_size]
@@ -242,25 +253,9 @@ class Evaluation(L.Callback):
         self.last_summary = summary
         return summary
 
-    def _policy(self, trainer: L.Trainer, pl_module: L.LightningModule):
-        from qt.acting.policy import QTPolicy
-
-        hp = pl_module.hparams
-        # a module built without the data's facts acts with the registry's targets
-        targets = hp.env_targets or get_task(self._task_name(trainer)).env_targets
-        return QTPolicy(
-            pl_module.actor,
-            pl_module.critic_target,  # the target critic scores actions (docs/algorithm.md §4)
-            state_mean=pl_module.state_mean,
-            state_std=pl_module.state_std,
-            scale=hp.scale,
-            env_targets=list(targets),
-            K=hp.K,
-            max_ep_len=self.max_ep_len or hp.max_ep_len,
-            num_candidates=hp.num_candidates,
-            rtg_no_q=hp.rtg_no_q,
-            infer_no_q=hp.infer_no_q,
-            device=pl_module.device,
+    def _policy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> QTPolicy:
+        return QTPolicy.from_module(
+            pl_module, self._task_name(trainer), self.max_ep_len, device=pl_module.device
         )
 
     def _video(self, trainer: L.Trainer, pl_module: L.LightningModule, seed: int, name: str):
@@ -275,8 +270,13 @@ class Evaluation(L.Callback):
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"{name}.mp4"
-                record_episode(self._policy(trainer, pl_module), self._task_name(trainer), seed,
-                               path, fps=self.video_fps)  # fmt: skip
+                record_episode(
+                    self._policy(trainer, pl_module),
+                    self._task_name(trainer),
+                    seed,
+                    path,
+                    fps=self.video_fps,
+                )
                 logger.experiment.log_artifact(logger.run_id, str(path), "videos")
         except Exception as err:  # no offscreen GL, no imageio/ffmpeg, ...
             self.record_video = False

@@ -62,9 +62,12 @@ class QTDataModule(L.LightningDataModule):
         self._task = get_task(task)  # unknown names fail here, with close matches
         if source not in SOURCES:
             raise UserError(f"data.source={source!r}: expected one of {', '.join(SOURCES)}.")
-        for name, value, low in (("K", K, 1), ("batch_size", batch_size, 1),
-                                 ("num_steps_per_iter", num_steps_per_iter, 1),
-                                 ("num_workers", num_workers, 0)):  # fmt: skip
+        for name, value, low in (
+            ("K", K, 1),
+            ("batch_size", batch_size, 1),
+            ("num_steps_per_iter", num_steps_per_iter, 1),
+            ("num_workers", num_workers, 0),
+        ):
             if not isinstance(value, int) or value < low:
                 raise UserError(f"data.{name}={value!r}: expected a whole number >= {low}.")
         if not 0.0 < pct_traj <= 1.0:
@@ -97,6 +100,12 @@ class QTDataModule(L.LightningDataModule):
             store = TrajectoryStore(
                 traj, scale=self._task.scale, reward_tune=self.reward_tune, pct_traj=self.pct_traj
             )
+            longest = int(store.lengths[store.sample_trajs].max())
+            if self.K > longest:  # every window would be padding past the episode's end
+                raise UserError(
+                    f"data.K={self.K}: the longest trajectory of {traj.source} has {longest} "
+                    f"steps: expected K <= {longest}, a context that fits in an episode."
+                )
             if self.full_windows_only:
                 check_full_windows(store, self.K, traj.source)
             # keep the store only: the raw arrays would double the dataset's memory

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from qt.data.batch import Segments
 from qt.data.store import TrajectoryStore
 from qt.errors import UserError
+from qt.seeding import seed_sequence
 
 
 def check_full_windows(store: TrajectoryStore, K: int, name: str = "") -> None:
@@ -96,7 +97,7 @@ def gather_segments(
 
 def batch_rng(seed: int, rank: int, index: int) -> np.random.Generator:
     """The generator of batch `index` of rank `rank` in a run seeded `seed`."""
-    return np.random.default_rng(np.random.SeedSequence([seed % 2**63, rank, index]))
+    return np.random.default_rng(seed_sequence(seed, rank, index))
 
 
 class SegmentStream(IterableDataset):

@@ -38,11 +38,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from qt.datagen.generated import GeneratedDataset
 from qt.envs.common import LOCOMOTION_LIMIT
 from qt.envs.locomotion import make_locomotion_env
 from qt.errors import UserError
+from qt.seeding import derived_seed
+from qt.tasks import get_task
 
 FAMILIES = ("hopper", "halfcheetah", "walker2d")
 KINDS = ("random", "medium", "medium-replay", "expert", "medium-expert")
@@ -69,16 +72,14 @@ def parse_name(name: str) -> tuple[str, str]:
 
 def episode_seed(seed: int, stream: str, episode: int) -> int:
     """The reset seed of one episode of one stream: independent of batching and resuming."""
-    return int(np.random.SeedSequence([seed, _STREAMS[stream], episode]).generate_state(1)[0])
+    return derived_seed(seed, _STREAMS[stream], episode)
 
 
 def _stream_seed(seed: int, stream: str) -> int:
-    return int(np.random.SeedSequence([seed, _STREAMS[stream]]).generate_state(1)[0])
+    return derived_seed(seed, _STREAMS[stream])
 
 
 def _ref_scores(family: str) -> tuple[float, float]:
-    from qt.tasks import get_task
-
     task = get_task(f"{family}-medium-v2")
     return task.ref_min_score, task.ref_max_score
 
@@ -105,8 +106,6 @@ def rollout(
     Episode k is reset with `episode_seed(seed, stream, k)`; episodes are stored in index
     order whichever slot ran them. The last episode is cut at `steps` and ends in a timeout.
     """
-    from tqdm import tqdm
-
     envs = [make_locomotion_env(family) for _ in range(n_envs)]
     episodes: dict[int, dict[str, list]] = {}
     slot_ep = list(range(n_envs))
@@ -357,7 +356,6 @@ class SACRun:
     def train(self):
         """Train (or resume) to the target or the budget; return (model, state)."""
         from stable_baselines3.common.logger import configure
-        from tqdm import tqdm
 
         self._check_config()
         cfg = self.config
@@ -506,8 +504,13 @@ def generate(
 
     def sac_run(level: str, budget: int, target: float | None) -> tuple[object, dict]:
         """Train (or resume) the `level` SAC run under `work_dir`."""
-        run = SACRun(family, work_dir / f"sac-{level}-seed{seed}", budget=budget,
-                     target_return=target, **common)  # fmt: skip
+        run = SACRun(
+            family,
+            work_dir / f"sac-{level}-seed{seed}",
+            budget=budget,
+            target_return=target,
+            **common,
+        )
         return run.train()
 
     def last_eval(state: dict):
@@ -515,8 +518,12 @@ def generate(
 
     def medium_run() -> tuple[object, dict]:
         model, state = sac_run("medium", sac_steps, target_return)
-        meta["medium_sac"] = dict(sac_steps=state["steps"], episodes=state["episodes"],
-                                  target_return=target_return, last_eval=last_eval(state))  # fmt: skip
+        meta["medium_sac"] = dict(
+            sac_steps=state["steps"],
+            episodes=state["episodes"],
+            target_return=target_return,
+            last_eval=last_eval(state),
+        )
         return model, state
 
     def expert_run():

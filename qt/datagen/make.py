@@ -16,15 +16,22 @@ locomotion generator as keyword arguments.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
+from tqdm import tqdm
 
+from qt.data.paths import minari_dir
+from qt.datagen import maze2d
 from qt.datagen.generated import GeneratedDataset, arrays_digest
+from qt.datagen.maze2d import D4RL_STEPS, parse_name
 from qt.datagen.writers import episode_bounds, write_dataset
-from qt.errors import UserError, report
+from qt.errors import ArgumentParser, UserError, report
+from qt.tasks import get_task
 
 LOCOMOTION = ("hopper", "halfcheetah", "walker2d")
 LOCOMOTION_HELP = """locomotion options (hopper/halfcheetah/walker2d-*, see qt.datagen.locomotion):
@@ -38,22 +45,16 @@ A stopped run resumes from its checkpoint under --work-dir when run again."""
 
 def default_minari_root() -> Path:
     """The Minari root of qt's data root: `$QT_DATA_DIR/minari`, else ./data/minari."""
-    from qt.data.paths import minari_dir
-
     return minari_dir()
 
 
 def _hdf5_file_name(name: str) -> str:
     """The D4RL file name of a task (registry first, else `<name>.hdf5`)."""
     try:
-        from qt.tasks import get_task
-
         return get_task(name).dataset_file
     except ValueError:
         pass
     if name.startswith("maze2d-"):  # D4RL's naming: maze2d-umaze-sparse-v1.hdf5
-        from qt.datagen.maze2d import parse_name
-
         maze, dense = parse_name(name)
         return f"maze2d-{maze}-{'dense' if dense else 'sparse'}-{name.rsplit('-', 1)[1]}.hdf5"
     return f"{name}.hdf5"
@@ -86,8 +87,6 @@ class _Progress:
     """A tqdm bar over generation steps (steps, rate, time left)."""
 
     def __init__(self, total: int | None, name: str):
-        from tqdm import tqdm
-
         self.bar = tqdm(total=total, desc=name, unit="step", unit_scale=True, dynamic_ncols=True)
         self.done = 0
 
@@ -104,8 +103,6 @@ class _Progress:
 def _total_steps(name: str, steps: int | None) -> int | None:
     if steps is not None or not name.startswith("maze2d-"):
         return steps
-    from qt.datagen.maze2d import D4RL_STEPS, parse_name
-
     try:
         return D4RL_STEPS[parse_name(name)[0]]
     except ValueError:
@@ -133,8 +130,6 @@ def _recorded(meta: dict) -> dict[str, int | None]:
 
 def on_disk(minari_path: Path, hdf5_path: Path) -> dict[Path, dict[str, int | None]]:
     """The request recorded by each copy of a dataset that exists, by path."""
-    import json
-
     found: dict[Path, dict[str, int | None]] = {}
     meta_file = minari_path / "data" / "metadata.json"
     if minari_path.exists():
@@ -144,8 +139,6 @@ def on_disk(minari_path: Path, hdf5_path: Path) -> dict[Path, dict[str, int | No
         except (OSError, ValueError):
             found[minari_path] = {"steps": None, "seed": None}
     if hdf5_path.exists():
-        import h5py
-
         try:
             with h5py.File(hdf5_path, "r") as f:
                 found[hdf5_path] = _recorded(json.loads(f.attrs.get("qt_metadata", "{}")))
@@ -196,8 +189,6 @@ def generate(
     """Dispatch NAME to its family's generator (the locomotion one draws its own bars)."""
     family = name.split("-", 1)[0]
     if family == "maze2d":
-        from qt.datagen import maze2d
-
         make, kwargs = maze2d.generate, {"progress": progress}
     elif family in LOCOMOTION:
         try:
@@ -225,8 +216,6 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
     bounds = episode_bounds(a["terminals"], a["timeouts"])
     returns = np.add.reduceat(np.asarray(a["rewards"], np.float64), [s for s, _ in bounds])
     lengths = np.array([e - s for s, e in bounds])
-    from qt.tasks import get_task
-
     refs = f"ref scores     measured: min {ds.ref_min_score:.2f}, max {ds.ref_max_score:.2f}"
     behaviour = ""
     try:  # a name the generator accepts need not be a registered task (maze2d-umaze-v0)
@@ -256,14 +245,12 @@ def summary(ds: GeneratedDataset, seconds: float) -> str:
 
 def _say(message: str) -> None:
     """A status line on stderr, below any progress bar."""
-    from tqdm import tqdm
-
     tqdm.write(message, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m qt.datagen",
         description=__doc__.split("\n")[0],
         epilog=LOCOMOTION_HELP,
@@ -302,8 +289,6 @@ def main(argv: list[str] | None = None) -> int:
         extra = _parse_extra(unknown)
         family = args.name.split("-", 1)[0]
         if family == "maze2d":
-            from qt.datagen.maze2d import parse_name
-
             parse_name(args.name)
         elif family not in LOCOMOTION:
             raise UserError(
@@ -329,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     stale_hdf5 = args.force and not args.d4rl_hdf5 and hdf5_path in there
     if not (want_minari or want_hdf5):
         there = [str(minari_path)] + ([str(hdf5_path)] if args.d4rl_hdf5 else [])
-        print(f"{args.name}: already there ({', '.join(there)}); nothing to do "
-              "(--force replaces it).")  # fmt: skip
+        print(
+            f"{args.name}: already there ({', '.join(there)}); nothing to do (--force replaces it)."
+        )
         return 0
     t0 = time.perf_counter()
     # the locomotion generator draws its own bars (SAC training, then rollouts)

@@ -26,7 +26,9 @@ import gymnasium as gym
 import h5py
 import numpy as np
 
+import qt.envs.maze2d  # noqa: F401  (registers the maze ids)
 from qt.datagen.generated import D4RL_KEYS, GeneratedDataset, arrays_digest, as_written
+from qt.envs import make_env
 
 AUTHOR = "qt"
 AUTHOR_EMAIL = "qt@users.noreply.github.com"
@@ -60,15 +62,11 @@ def _eval_env_spec(env_id: str) -> gym.envs.registration.EnvSpec | None:
     factory `qt.envs.make_env` (its env's spec, e.g. `Hopper-v4`). None when neither works:
     the dataset then names its task in the `qt_metadata` entry only.
     """
-    import qt.envs.maze2d  # noqa: F401  (registers the maze ids)
-
     try:
         return gym.spec(f"qt/{env_id}")
     except gym.error.Error:
         pass
     try:
-        from qt.envs import make_env
-
         env = make_env(env_id)
     except (ImportError, ValueError, gym.error.Error):
         return None

@@ -71,6 +71,8 @@ def make_env(
     """
     task = get_task(task) if isinstance(task, str) else task
     family = task.family
+    # a family's module is imported when one of its tasks is made: each pulls in its own
+    # simulation stack (gymnasium-robotics for kitchen and adroit, MuJoCo models built here)
     if family in ("hopper", "halfcheetah", "walker2d"):
         from qt.envs.locomotion import make_locomotion_env
 

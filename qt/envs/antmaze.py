@@ -114,10 +114,16 @@ def _maze_xml(maze_name: str) -> str:
             if cell == 1:
                 x, y = cell_xy(maze_name, i, j)
                 ET.SubElement(
-                    worldbody, "geom", name=f"block_{i}_{j}", type="box",
-                    pos=f"{x} {y} {h / 2 * s}", size=f"{0.5 * s} {0.5 * s} {h / 2 * s}",
-                    contype="1", conaffinity="1", rgba="0.7 0.5 0.3 1.0",
-                )  # fmt: skip
+                    worldbody,
+                    "geom",
+                    name=f"block_{i}_{j}",
+                    type="box",
+                    pos=f"{x} {y} {h / 2 * s}",
+                    size=f"{0.5 * s} {0.5 * s} {h / 2 * s}",
+                    contype="1",
+                    conaffinity="1",
+                    rgba="0.7 0.5 0.3 1.0",
+                )
     ET.SubElement(
         worldbody, "site", name="goal", pos=f"0 0 {h / 2 * s}", size="0.5", rgba="1 0 0 0.7"
     )  # moved to the goal at reset; visual only (sites do not collide)
@@ -189,9 +195,12 @@ class AntMazeEnv(gym.Env):
 
 
 def make_antmaze_env(
-    maze: str, *, goal_per_reset: bool = False, render_mode: str | None = None,
+    maze: str,
+    *,
+    goal_per_reset: bool = False,
+    render_mode: str | None = None,
     max_episode_steps: int | None = None,
-) -> gym.Env:  # fmt: skip
+) -> gym.Env:
     """AntMaze `maze` ('umaze'|'medium'|'large') with D4RL's time limit unless one is given."""
     env = AntMazeEnv(maze, goal_per_reset=goal_per_reset, render_mode=render_mode)
     limit = ANTMAZE_LIMITS[maze] if max_episode_steps is None else max_episode_steps

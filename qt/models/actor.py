@@ -195,9 +195,12 @@ class QTActor(nn.Module):
             return x[:, None].expand(E, U, *x.shape[1:]).reshape(E * U, *x.shape[1:])
 
         prefix = self._tokens(
-            per_group(states[:, :old]), per_group(actions[:, :old]), None,
-            group_rtg[..., :old].reshape(E * U, old, 1), timesteps[:old].expand(E * U, old),
-        )  # fmt: skip
+            per_group(states[:, :old]),
+            per_group(actions[:, :old]),
+            None,
+            group_rtg[..., :old].reshape(E * U, old, 1),
+            timesteps[:old].expand(E * U, old),
+        )
         prefix_mask = mask[:old].repeat_interleave(3).expand(E * U, 3 * old)
         kv = self.transformer.prefix(prefix, prefix_mask)
         # newest return and state tokens of every candidate, at the newest timestep

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from qt.console import quiet
+from qt.errors import ArgumentParser
 from qt.study.merge import merge as merge_study
 from qt.study.report import report
 from qt.study.runner import run as run_study
@@ -15,7 +15,7 @@ from qt.study.store import study_from_store
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m qt.study",
         description="Run a study of tasks x variants x seeds and report it with rliable.",
     )
@@ -23,21 +23,49 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run or resume a study file (finished runs are skipped)")
     run.add_argument("study", help="a study file, e.g. configs/studies/maze2d-umaze-cpu.yaml")
     run.add_argument("--backend", choices=("local", "ray"), default="local")
-    run.add_argument("--address", default=None,
-                     help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")  # fmt: skip
+    run.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)",
+    )
     run.add_argument("--workers", type=int, default=None, help="override the file's workers")
-    run.add_argument("--seeds", type=int, nargs="+", default=None,
-                     help="run only these of the file's seeds (the rest on other machines; "
-                          "then `merge`)")  # fmt: skip
-    run.add_argument("--check", action="store_true",
-                     help="validate the study file with cli.py's parser and stop")  # fmt: skip
+    run.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run only these of the file's seeds (the rest on other machines; then `merge`)",
+    )
+    run.add_argument(
+        "--no-pack",
+        dest="pack",
+        action="store_false",
+        help="fit every job in its own process (by default, jobs that differ only in seed and "
+        "scalar settings train together as packs)",
+    )
+    run.add_argument(
+        "--pack-size",
+        type=int,
+        default=None,
+        help="at most this many fits in a pack (default: from memory, at most 16)",
+    )
+    run.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="run the packs' training step eagerly (no torch.compile)",
+    )
+    run.add_argument(
+        "--check", action="store_true", help="validate the study file with cli.py's parser and stop"
+    )
     rep = sub.add_parser("report", help="write the report of a study from MLflow")
     rep.add_argument("name", help="the study's name")
     rep.add_argument("--save-dir", default="runs", help="the study's save_dir (default: runs)")
     rep.add_argument("--results", default=None, help="default: the study file's (results)")
     merge = sub.add_parser(
-        "merge", help="copy a study's finished runs from another machine's MLflow store into this one"
-    )  # fmt: skip
+        "merge",
+        help="copy a study's finished runs from another machine's MLflow store into this one",
+    )
     merge.add_argument("name", help="the study's name (it must have run here, on any seeds)")
     merge.add_argument("source", help="the other store: its mlflow.db file, or a tracking URI")
     merge.add_argument("--save-dir", default="runs", help="this study's save_dir (default: runs)")
@@ -56,13 +84,19 @@ def main(argv: list[str] | None = None) -> int:
             here = "" if study.selected is None else f", {len(study.jobs_here())} of them here"
             print(f"[study] {study.name}: {len(study.jobs())} runs{here}; the study file is valid.")
             return 0
-        return run_study(study, args.backend, args.address)
+        if args.pack_size is not None and args.pack_size < 1:
+            raise SystemExit(f"error: --pack-size {args.pack_size}: expected a whole number >= 1.")
+        return run_study(study, args.backend, args.address, pack=args.pack,
+                         pack_limit=args.pack_size, compile=args.compile)  # fmt: skip
     if args.command == "merge":
         n = merge_study(args.name, args.source, args.save_dir)
-        print(f"[study] {args.name}: copied {n['copied']} jobs from {args.source} "
-              f"({n['here']} were done here already, {n['absent']} are done on neither"
-              f"{_other(n['other'])}); "
-              f"`python -m qt.study report {args.name}` reports them.", flush=True)  # fmt: skip
+        print(
+            f"[study] {args.name}: copied {n['copied']} jobs from {args.source} "
+            f"({n['here']} were done here already, {n['absent']} are done on neither"
+            f"{_other(n['other'])}); "
+            f"`python -m qt.study report {args.name}` reports them.",
+            flush=True,
+        )
         return 0
     study = study_from_store(args.name, args.save_dir, args.results)
     result, path = report(study)

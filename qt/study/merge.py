@@ -21,9 +21,14 @@ copy that fails part-way deletes the runs it created.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
+import mlflow
+from mlflow.entities import Metric, Param
+
 from qt.study import store
+from qt.study.runner import lock_study
 from qt.study.spec import StudyError
 
 BATCH = {"metrics": 1000, "params": 100}  # MLflow's log_batch limits
@@ -37,8 +42,10 @@ def source_uri(source: str) -> str:
     path = Path(source.removeprefix("sqlite:///") if source.startswith("sqlite:") else source)
     if path.is_dir():
         path = path / "mlflow.db"
-    expected = ("expected another machine's MLflow store: the path of its mlflow.db file (or of "
-                "the folder holding it) or a tracking URI")  # fmt: skip
+    expected = (
+        "expected another machine's MLflow store: the path of its mlflow.db file (or of "
+        "the folder holding it) or a tracking URI"
+    )
     if not path.is_file():
         raise StudyError(f"merge source {source!r}: {expected}, and {str(path)!r} does not exist.")
     if not _is_mlflow_store(path):
@@ -47,8 +54,6 @@ def source_uri(source: str) -> str:
 
 
 def _is_mlflow_store(path: Path) -> bool:
-    import sqlite3
-
     try:
         with sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True) as con:
             names = {
@@ -67,10 +72,6 @@ def merge(name: str, source: str, save_dir: str = "runs") -> dict[str, int]:
     left there). Raises StudyError (one sentence) before writing anything when the source is
     not an MLflow store, does not hold the study, or holds none of its jobs.
     """
-    import mlflow
-
-    from qt.study.runner import lock_study
-
     study = store.study_from_store(name, save_dir)  # the study as it last ran here
     client, uri = store.client_for(study)
     src_uri = source_uri(source)
@@ -82,33 +83,41 @@ def merge(name: str, source: str, save_dir: str = "runs") -> dict[str, int]:
     if src_exp is None:
         raise StudyError(
             f"merge source {source!r} has no experiment {study.experiment!r}: it never ran study {name!r}."
-        )  # fmt: skip
+        )
     keys = {job.key for job in study.jobs()}
-    fits = {r.data.tags.get("qt.study.key", "?") for r in store.study_runs(src, src_exp.experiment_id, name)
-            if r.data.tags.get("qt.study.kind") == "fit" and r.info.status == "FINISHED"}  # fmt: skip
+    fits = {
+        r.data.tags.get("qt.study.key", "?")
+        for r in store.study_runs(src, src_exp.experiment_id, name)
+        if r.data.tags.get("qt.study.kind") == "fit" and r.info.status == "FINISHED"
+    }
     strangers = sorted(fits - keys)
     if fits and not fits & keys:
         raise StudyError(
             f"merge source {source!r} holds no finished fit of study {name!r} as it ran here (its "
             f"{len(fits)} have other keys, e.g. {', '.join(strangers[:3])}): the two machines "
             "ran different study files (config, overrides or test episodes), so nothing was merged."
-        )  # fmt: skip
+        )
 
     exp_id = client.get_experiment_by_name(study.experiment).experiment_id
     parent = store.parent_run(client, exp_id, name)
     here = {s.job.key: s for s in store.job_states(client, exp_id, study)}
     there = store.job_states(src, src_exp.experiment_id, study)
     todo = [s for s in there if s.done and not here[s.job.key].done]
-    counts = {"copied": len(todo), "here": sum(s.done for s in here.values()),
-              "absent": sum(not s.done and not here[s.job.key].done for s in there),
-              "other": len(strangers)}  # fmt: skip
+    counts = {
+        "copied": len(todo),
+        "here": sum(s.done for s in here.values()),
+        "absent": sum(not s.done and not here[s.job.key].done for s in there),
+        "other": len(strangers),
+    }
 
     created: list[str] = []
     try:
         for state in todo:
             extra = {"mlflow.parentRunId": parent.info.run_id, "qt.study.merged_from": src_uri}
             fit_id = _copy_run(src, client, state.fit, exp_id, extra, created, finish=False)
-            _copy_run(src, client, state.test, exp_id, {**extra, "qt.study.fit_run": fit_id}, created)  # fmt: skip
+            _copy_run(
+                src, client, state.test, exp_id, {**extra, "qt.study.fit_run": fit_id}, created
+            )
             # the fit is finished last: a merge killed before this leaves a RUNNING fit without
             # checkpoints, which `run` marks KILLED and starts afresh, and `merge` copies again
             client.set_terminated(fit_id, state.fit.info.status, end_time=state.fit.info.end_time)
@@ -122,12 +131,11 @@ def merge(name: str, source: str, save_dir: str = "runs") -> dict[str, int]:
 def _copy_run(
     src, dst, run, exp_id: str, extra: dict, created: list[str], finish: bool = True
 ) -> str:
-    from mlflow.entities import Metric, Param
-
     tags = {k: v for k, v in run.data.tags.items() if k != "mlflow.runName"}
     tags.update(extra, **{"qt.study.source_run": run.info.run_id})
-    new = dst.create_run(exp_id, start_time=run.info.start_time, tags=tags,
-                         run_name=run.info.run_name)  # fmt: skip
+    new = dst.create_run(
+        exp_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name
+    )
     run_id = new.info.run_id
     created.append(run_id)
     params = [Param(k, v) for k, v in run.data.params.items()]

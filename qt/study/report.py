@@ -81,9 +81,11 @@ class Report:
                 values = np.array([[getattr(r, score)] for r in rs])  # seeds x 1 task
                 point, bounds = interval(values, _cell_mean, reps)
                 self.cells[task, variant, score] = {
-                    "mean": float(point[0]), "lo": float(bounds[0, 0]),
-                    "hi": float(bounds[1, 0]), "values": values[:, 0].tolist(),
-                }  # fmt: skip
+                    "mean": float(point[0]),
+                    "lo": float(bounds[0, 0]),
+                    "hi": float(bounds[1, 0]),
+                    "values": values[:, 0].tolist(),
+                }
             n = min(len(r.curve) for r in rs)
             if n:
                 curves = np.stack([r.curve[:n] for r in rs])[:, None, :]  # seeds x 1 x points
@@ -98,14 +100,19 @@ class Report:
         tasks, seeds = list(self.study.tasks), self.study.seeds
         for variant in self.study.variants:
             for score in SCORES:
-                values = np.array([[self.cells[t, variant, score]["values"][i] for t in tasks]
-                                   for i in range(len(seeds))])  # fmt: skip
+                values = np.array(
+                    [
+                        [self.cells[t, variant, score]["values"][i] for t in tasks]
+                        for i in range(len(seeds))
+                    ]
+                )
                 point, bounds = interval(values, _iqm_and_mean, reps)
                 for k, stat in enumerate(AGGREGATES):
                     self.aggregates[variant, score, stat] = {
-                        "value": float(point[k]), "lo": float(bounds[0, k]),
+                        "value": float(point[k]),
+                        "lo": float(bounds[0, k]),
                         "hi": float(bounds[1, k]),
-                    }  # fmt: skip
+                    }
         return self
 
     # ------------------------------------------------------------------------ outputs
@@ -150,16 +157,25 @@ class Report:
             f"fit's best checkpoint; {s.workers} workers x {s.threads_per_worker} threads.",
         ]
         if self.results:
-            span = (max(r.end_ms for r in self.results) - min(r.start_ms for r in self.results)) / 1000  # fmt: skip
+            span = (
+                max(r.end_ms for r in self.results) - min(r.start_ms for r in self.results)
+            ) / 1000
             busy = sum(r.seconds for r in self.results)
-            out.append(f"Wall time: {span / 60:.1f} min from the first fit's start to the last test's end; {busy / 60:.1f} min of fits and tests in all.")  # fmt: skip
+            out.append(
+                f"Wall time: {span / 60:.1f} min from the first fit's start to the last test's end; {busy / 60:.1f} min of fits and tests in all."
+            )
         for old, new in self.renamed.items():
-            out.append(f"Variant {old!r} of the study file is reported as {new!r}: QT's trainer "
-                       "with eta 0 and no Q in acting, the name's meaning before the Decision "
-                       "Transformer as published joined the studies (docs/baselines.md).")  # fmt: skip
+            out.append(
+                f"Variant {old!r} of the study file is reported as {new!r}: QT's trainer "
+                "with eta 0 and no Q in acting, the name's meaning before the Decision "
+                "Transformer as published joined the studies (docs/baselines.md)."
+            )
         if self.missing:
-            out.append(f"Incomplete: {done} of {total} runs finished; missing: "
-                       + ", ".join(j.label for j in self.missing) + ".")  # fmt: skip
+            out.append(
+                f"Incomplete: {done} of {total} runs finished; missing: "
+                + ", ".join(j.label for j in self.missing)
+                + "."
+            )
         out += [
             "",
             f"D4RL-normalised scores: mean [95% stratified-bootstrap interval] over seeds "
@@ -193,11 +209,15 @@ class Report:
     def to_json(self) -> dict:
         return {
             "study": self.study.name,
-            "cells": [{"task": t, "variant": v, "score": k, **c} for (t, v, k), c in self.cells.items()],
-            "aggregates": [{"variant": v, "score": k, "statistic": st, **a}
-                           for (v, k, st), a in self.aggregates.items()],
+            "cells": [
+                {"task": t, "variant": v, "score": k, **c} for (t, v, k), c in self.cells.items()
+            ],
+            "aggregates": [
+                {"variant": v, "score": k, "statistic": st, **a}
+                for (v, k, st), a in self.aggregates.items()
+            ],
             "missing": [j.label for j in self.missing],
-        }  # fmt: skip
+        }
 
     def plot_curves(self, path: Path) -> None:
         tasks = list(self.study.tasks)
@@ -207,7 +227,13 @@ class Report:
                 if (task, variant) not in self.curves:
                     continue
                 x, mean, lo, hi = self.curves[task, variant]
-                (line,) = ax.plot(x, mean, marker="o", ms=3, label=variant)
+                # a marker and a dash pattern of its own, so a curve that lies on another's
+                # (two variants that score the same) still shows through it
+                i = list(self.study.variants).index(variant)
+                (line,) = ax.plot(
+                    x, mean, marker=MARKERS[i % len(MARKERS)], ms=4 + 1.5 * (i % 3),
+                    ls=DASHES[i % len(DASHES)], mfc="none" if i % 2 else None, label=variant,
+                )  # fmt: skip
                 ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
             ax.set_title(task)
             ax.set_xlabel("training steps")
@@ -221,8 +247,12 @@ class Report:
     def plot_intervals(self, path: Path) -> None:
         """One panel per (score, statistic): the point estimate and its interval per variant."""
         variants = list(self.study.variants)
-        fig, axes = plt.subplots(len(SCORES), len(AGGREGATES), squeeze=False,
-                                 figsize=(8, 0.6 + len(SCORES) * (0.5 + 0.35 * len(variants))))  # fmt: skip
+        fig, axes = plt.subplots(
+            len(SCORES),
+            len(AGGREGATES),
+            squeeze=False,
+            figsize=(8, 0.6 + len(SCORES) * (0.5 + 0.35 * len(variants))),
+        )
         for row, k in zip(axes, SCORES):
             for ax, stat in zip(row, AGGREGATES):
                 for i, variant in enumerate(variants):
@@ -233,8 +263,10 @@ class Report:
                         i, a["hi"] - a["lo"], left=a["lo"], height=0.6, color=f"C{i}", alpha=0.6
                     )
                     ax.vlines(a["value"], i - 0.3, i + 0.3, color="k", lw=1.5)
+                    ax.plot(a["value"], i, marker=MARKERS[i % len(MARKERS)], color="k", ms=4)
                 ax.set_yticks(range(len(variants)), variants)
                 ax.set_ylim(-0.6, len(variants) - 0.4)
+                _readable_x(ax)
                 ax.set_title(f"{stat}: {SCORES[k]}", fontsize=9)
                 ax.grid(axis="x", alpha=0.3)
         fig.supxlabel(
@@ -243,6 +275,25 @@ class Report:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P")
+DASHES = ("-", "--", ":", "-.")
+MIN_SPAN = 10.0  # normalised-score points: the narrowest x range a panel shows
+
+
+def _readable_x(ax) -> None:
+    """At most five x ticks with whole-number labels, over a range at least MIN_SPAN wide: a
+    panel whose intervals are all one value (every seed scored the same) would otherwise get
+    ticks a quarter point apart whose labels run into each other."""
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+
+    lo, hi = ax.get_xlim()
+    if hi - lo < MIN_SPAN:
+        mid = (lo + hi) / 2
+        ax.set_xlim(mid - MIN_SPAN / 2, mid + MIN_SPAN / 2)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
 
 
 def _fmt(d: dict, key: str) -> str:

@@ -104,9 +104,6 @@ class Study:
     def experiment(self) -> str:
         return f"study-{self.name}"
 
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("name", *(k for k in KEYS if k != "name"))}
-
     def select_seeds(self, seeds: list[int]) -> None:
         """Run only `seeds` here; the study (its jobs, keys and report) stays the whole file's."""
         strangers = [s for s in seeds if s not in self.seeds]
@@ -314,6 +311,6 @@ def parse_fit(args: list[str], where: str) -> Namespace:
         text = err.getvalue()
         message = text.rsplit("error:", 1)[-1] if "error:" in text else text
         lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-        reason = " ".join(lines[:2]).rstrip(".") or "rejected"
+        reason = " ".join(lines[:2]).split("; `", 1)[0].rstrip(".") or "rejected"
         raise StudyError(f"{where}: `cli.py fit` rejects the overrides: {reason}.") from None
     return dict_to_namespace(config)

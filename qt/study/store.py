@@ -33,9 +33,11 @@ def client_for(study: Study):
 
 def study_runs(client, experiment_id: str, name: str) -> list:
     return client.search_runs(
-        [experiment_id], filter_string=f"tags.study = '{name}'", max_results=50_000,
+        [experiment_id],
+        filter_string=f"tags.study = '{name}'",
+        max_results=50_000,
         order_by=["attributes.start_time DESC"],
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -66,8 +68,11 @@ def job_states(client, experiment_id: str, study: Study) -> list[JobState]:
     for job in study.jobs():
         mine = [r for r in runs if r.data.tags.get("qt.study.key") == job.key]
         fits = [r for r in mine if r.data.tags.get("qt.study.kind") == "fit"]
-        tests = {r.data.tags.get("qt.study.fit_run"): r for r in reversed(mine)
-                 if r.data.tags.get("qt.study.kind") == "test" and r.info.status == "FINISHED"}  # fmt: skip
+        tests = {
+            r.data.tags.get("qt.study.fit_run"): r
+            for r in reversed(mine)
+            if r.data.tags.get("qt.study.kind") == "test" and r.info.status == "FINISHED"
+        }
         finished = [r for r in fits if r.info.status == "FINISHED"]
         # a finished fit with a finished test if there is one (a job merged from another store
         # keeps its start time, so it may be older than a fit made here), else the newest
@@ -88,7 +93,13 @@ def eval_history(client, run, task: str) -> tuple[np.ndarray, np.ndarray]:
     tests/end_to_end/test_faults.py pin this), so the metric's own step gives the training steps.
     """
     normalized = get_task(task).normalized_score
-    returns = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval/return_mean"), key=lambda m: m.timestamp)}  # fmt: skip
+    returns = {
+        m.step: m.value
+        for m in sorted(
+            client.get_metric_history(run.info.run_id, "eval/return_mean"),
+            key=lambda m: m.timestamp,
+        )
+    }
     steps = sorted(returns)
     scores = [normalized(returns[s]) for s in steps]
     return np.array(steps, dtype=float) + 1, np.array(scores, dtype=float)
@@ -129,8 +140,9 @@ def parent_run(client, experiment_id: str, name: str):
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.study = '{name}' and tags.`qt.study.kind` = 'study'",
-        order_by=["attributes.start_time ASC"], max_results=1,
-    )  # fmt: skip
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
     return runs[0] if runs else None
 
 
@@ -141,7 +153,9 @@ def study_from_store(name: str, save_dir: str = "runs", results: str | None = No
     exp = client.get_experiment_by_name(f"study-{name}")
     parent = None if exp is None else parent_run(client, exp.experiment_id, name)
     if parent is None:
-        raise StudyError(f"no study named {name!r} in {uri}: run it first with `python -m qt.study run`.")  # fmt: skip
+        raise StudyError(
+            f"no study named {name!r} in {uri}: run it first with `python -m qt.study run`."
+        )
     # the study as it last ran: its file, and its jobs' keys (config files may have changed since)
     spec = json.loads(mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/study.json"))
     study = load_study(Path(f"{name}.yaml"), check=False, text=spec["source"])

@@ -234,3 +234,24 @@ def test_episodes_end_on_their_own_and_each_runs_once():
     stats = run_episodes(policy, _CountdownEnv, seeds, num_envs=2)
     assert stats.lengths.tolist() == [3, 1, 6, 8, 2] == stats.returns.tolist()
     assert sorted(_CountdownEnv.resets) == sorted(seeds)
+
+
+def test_a_policy_from_a_module_acts_with_its_actor_target_critic_and_facts():
+    from qt.module import QTModule
+    from qt.tasks import get_task
+
+    module = QTModule(state_dim=4, act_dim=2, K=3, max_ep_len=40, hidden_size=8, n_layer=1,
+                      n_head=2, scale=10.0, num_candidates=6, rtg_no_q=True,
+                      state_mean=[1.0, 2.0, 3.0, 4.0], state_std=[2.0] * 4)  # fmt: skip
+    policy = QTPolicy.from_module(module, "maze2d-umaze-v1")
+    assert policy.actor is module.actor and policy.critic is module.critic_target
+    assert (policy.K, policy.max_ep_len, policy.N, policy.scale) == (3, 40, 6, 10.0)
+    assert policy.rtg_no_q and not policy.infer_no_q
+    assert (
+        policy.state_mean.tolist() == [1.0, 2.0, 3.0, 4.0]
+        and policy.state_std.tolist() == [2.0] * 4
+    )
+    # no env_targets in the module: the registry's, in units of the scale
+    expected = [t / 10.0 for t in get_task("maze2d-umaze-v1").env_targets]
+    assert policy.targets == pytest.approx(expected)
+    assert QTPolicy.from_module(module, "maze2d-umaze-v1", max_ep_len=7).max_ep_len == 7

@@ -62,7 +62,7 @@ def test_a_tiny_fit_says_what_it_does(tmp_path):
     exp = client.get_experiment_by_name("qt")
     [run] = client.search_runs([exp.experiment_id])
     rid = run.info.run_id
-    assert f"run       maze2d-umaze-v1-qt-seed123 (MLflow run {rid}, experiment qt)" in out
+    assert f"run       m2d-umaze/qt/s123 (MLflow run {rid}, experiment qt)" in out
     [best_line] = [x for x in out.splitlines() if x.startswith("best      ")]
     match = re.fullmatch(
         r"best      eval/normalized_score (\S+) \(iteration (\d+)\): (\S+best-epoch=(\d+)\.ckpt)",

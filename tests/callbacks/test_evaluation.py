@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, port: int, seeds: list[int], out: str) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        import qt.acting.episodes as evaluation
+        import qt.callbacks.evaluation as evaluation  # where Evaluation looks run_episodes up
 
         ran: list[int] = []
         real = evaluation.run_episodes
@@ -162,7 +162,7 @@ def _fit_and_record_starts(monkeypatch, seed: int, **options) -> tuple[list[int]
         n = len(seeds)
         return episodes.EpisodeStats(np.array(seeds), np.zeros(n), np.ones(n, dtype=np.int64))
 
-    monkeypatch.setattr(episodes, "run_episodes", record)
+    monkeypatch.setattr("qt.callbacks.evaluation.run_episodes", record)
     L.seed_everything(seed)
     module = QTModule(
         state_dim=4, act_dim=2, K=3, max_ep_len=6, scale=10.0, hidden_size=8, n_layer=1,

@@ -73,7 +73,7 @@ def test_a_fit_against_a_tracking_server_reads_back(server, tmp_path):
 
     client = mlflow.MlflowClient(server)
     [run] = client.search_runs([client.get_experiment_by_name("qt").experiment_id])
-    assert run.info.run_name == "maze2d-umaze-v1-qt-seed123" and run.info.status == "FINISHED"
+    assert run.info.run_name == "m2d-umaze/qt/s123" and run.info.status == "FINISHED"
     params = run.data.params
     assert params["config.model.hidden_size"] == "16" and params["config.data.K"] == "5"
     assert params["config.data.task"] == "maze2d-umaze-v1"

@@ -104,3 +104,27 @@ def test_a_resume_stays_in_its_own_experiment(finished, capsys):
         "run of the same experiment (set experiment_name qt to resume it there)."
     )
     assert _runs(root, "bob") == [] and len(_runs(root)) == 1
+
+
+def test_a_test_run_is_named_as_one_linked_to_its_fit_and_prints_one_table(finished, capsys):
+    root, fit = finished
+    [run] = _runs(root)
+    [best] = (root / "runs" / run.info.experiment_id / run.info.run_id / "checkpoints").glob(
+        "best-*.ckpt"
+    )
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(root)
+            mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+            assert cli.run(["test", *fit[1:], "--ckpt_path", str(best)]) == 0
+    out = capsys.readouterr()
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+    assert "dirpath has changed" not in out.err
+    assert "Test metric" not in out.out and "DataLoader 0" not in out.out  # Lightning's table
+    tests = [r for r in _runs(root) if r.info.run_id != run.info.run_id]
+    [test] = tests
+    assert test.info.run_name == "m2d-umaze/qt/s123/test"
+    assert test.data.tags["qt.fit_run"] == run.info.run_id
+    assert test.data.tags["mlflow.parentRunId"] == run.info.run_id

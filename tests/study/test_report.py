@@ -139,3 +139,35 @@ def test_the_published_dt_beside_qt_no_q_keeps_its_name(tmp_path):
     alone = "  qt: {}\n  dt: {model.eta: 0, model.train_critic: false}\n"
     study, client, exp = _store_study(tmp_path / "b", alone, train_critic={"dt": False})
     assert rep.legacy_renames(study, rep.build(study, client, exp).results) == {}
+
+
+def test_plots_stay_readable_when_every_seed_scores_the_same(tmp_path, monkeypatch):
+    """intervals.png: a few x tick labels well apart when every interval is one value or all
+    lie within a point; learning_curves.png: two variants with the same curve drawn so both show."""
+    study = load_study(ROOT / "configs" / "studies" / "maze2d-umaze-gpu.yaml", check=False)
+    study.bootstrap_reps = 200  # every value is the same: any number of draws gives it
+    results = [
+        store.Result(job=j, best=-17.28 + 0.3 * j.seed * (j.variant == "qt"), last=-17.28, test=-17.28, steps=np.array([1e3, 2e3]),
+                     curve=np.full(2, -17.28), params={}, seconds=1.0, start_ms=0, end_ms=1)
+        for j in study.jobs()
+    ]  # fmt: skip
+    report = rep.Report(study, results, missing=[]).compute()
+    figures = []
+    monkeypatch.setattr(rep.plt, "close", lambda fig: figures.append(fig))
+    report.plot_intervals(tmp_path / "intervals.png")
+    report.plot_curves(tmp_path / "curves.png")
+    intervals, curves = figures
+    renderer = intervals.canvas.get_renderer()
+    for ax in intervals.axes:
+        labels = [t for t in ax.get_xticklabels() if t.get_text() and t.get_visible()]
+        lo, hi = ax.get_xlim()
+        labels = [t for t in labels if lo <= t.get_position()[0] <= hi]
+        assert 2 <= len(labels) <= 5, [t.get_text() for t in labels]  # matplotlib's: 6 or 7
+        boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+        for left, right in zip(boxes, boxes[1:]):
+            assert right.x0 - left.x1 >= 10, [t.get_text() for t in labels]  # 10 px apart
+    [ax] = curves.axes
+    lines = [ln for ln in ax.get_lines() if ln.get_label() in study.variants]
+    assert len(lines) == 2 and np.array_equal(lines[0].get_ydata(), lines[1].get_ydata())
+    styles = {(ln.get_linestyle(), ln.get_marker()) for ln in lines}
+    assert len({s[0] for s in styles}) == 2 and len({s[1] for s in styles}) == 2
