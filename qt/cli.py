@@ -178,7 +178,8 @@ class QTCLI(LightningCLI):
         init_args["tags"] = run_tags(task, seed, model, init_args.get("tags"))
         ckpt = config.get("ckpt_path")
         if evaluating and isinstance(ckpt, str):
-            init_args["tags"].update(_fit_run_tags(ckpt, init_args))
+            # tags the caller set win: a study files its tests under the study's run
+            init_args["tags"] = {**_fit_run_tags(ckpt, init_args), **init_args["tags"]}
         if self.subcommand == "fit" and isinstance(ckpt, str) and _is_run_ref(ckpt):
             earlier = legacy_identities(task, seed, model)
             config["ckpt_path"] = resume_checkpoint(init_args, ckpt, named, earlier)

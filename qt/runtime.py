@@ -74,6 +74,13 @@ def compile_mode(device_type: str) -> str | None:
     return "reduce-overhead" if device_type == "cuda" else None
 
 
+def compile_by_default(device_type: str) -> bool:
+    """Whether a packed step is compiled when nobody says: on CUDA, yes (launch-bound); on the
+    CPU, no. Measured on a 2-core EPYC (docs/speed.md): the compiled CPU step was no faster
+    than the eager one, and compiling it took 5-12 minutes, longer than a short fit."""
+    return device_type == "cuda"
+
+
 def enable_tf32(device_type: str) -> bool:
     """TF32 matmuls on CUDA (float32 matmuls outside autocast); nothing elsewhere. True when set."""
     if device_type != "cuda":

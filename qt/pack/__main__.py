@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="one member's own `qt fit` arguments (repeatable)")  # fmt: skip
     fit.add_argument("--ckpt_path", choices=("last",), default=None,
                      help="resume the pack from its last.ckpt")  # fmt: skip
-    fit.add_argument("--no-compile", dest="compile", action="store_false")
+    fit.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="compile the training step (default: on a GPU only)")  # fmt: skip
     args = parser.parse_args(argv)
     if bool(args.seeds) == bool(args.member):
         parser.error("give the members with either --seeds or --member.")
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         done = fit_pack([shared + m for m in own], ckpt_path=args.ckpt_path,
-                        module_options=None if args.compile else {"compile": False})  # fmt: skip
+                        module_options=None if args.compile is None else {"compile": args.compile})  # fmt: skip
     except SIGTERMException:
         print("Stopped by SIGTERM; resume with --ckpt_path last.", file=sys.stderr)
         return 143

@@ -27,7 +27,7 @@ from qt.data.batch import Segments
 from qt.errors import UserError
 from qt.module import QTModule
 from qt.pack import functional as PF
-from qt.runtime import autocast_dtype, compile_mode
+from qt.runtime import autocast_dtype, compile_by_default, compile_mode
 from qt.seeding import derived_seed
 
 # Scalar settings a member may set for itself; everything else is shared by the pack.
@@ -78,14 +78,15 @@ class PackedQTModule(L.LightningModule):
         members: one dict per member: {"seed": int} plus overrides of the scalar settings in
             `OVERRIDABLE`. Member i starts from the parameters QTModule draws right after
             `torch.manual_seed(seed)`, as a separate fit seeded with `seed` does.
-        compile: run the step through `torch.compile` (off: the same function eagerly).
+        compile: run the step through `torch.compile` (off: the same function eagerly); None
+            (the default): on CUDA only (`qt.runtime.compile_by_default`).
         autocast: bf16 autocast where it pays (`qt.runtime.autocast_dtype`: CUDA, or a CPU
             with AMX); off: float32 everywhere.
         **hparams: QTModule's arguments, shared by every member.
     """
 
     def __init__(
-        self, members: list[dict], compile: bool = True, autocast: bool = True, **hparams
+        self, members: list[dict], compile: bool | None = None, autocast: bool = True, **hparams
     ) -> None:
         super().__init__()
         if not members:
@@ -361,10 +362,13 @@ class PackedQTModule(L.LightningModule):
     def _step_fn(self):
         device_type = self.device.type
         amp = autocast_dtype(device_type) if self._autocast else None
-        key = (device_type, amp, self.use_compile)
+        use_compile = (
+            compile_by_default(device_type) if self.use_compile is None else self.use_compile
+        )
+        key = (device_type, amp, use_compile)
         if key not in self._step_fns:
             cfg = _Config(**{**self._cfg.__dict__, "amp": amp, "device_type": device_type})
-            self._step_fns[key] = PackedStep(cfg, self.use_compile)
+            self._step_fns[key] = PackedStep(cfg, use_compile)
         return self._step_fns[key]
 
     def _host_inputs(self) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -50,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         help="at most this many fits in a pack (default: from memory, at most 16)",
     )
     run.add_argument(
-        "--no-compile",
-        dest="compile",
-        action="store_false",
-        help="run the packs' training step eagerly (no torch.compile)",
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the packs' training step (default: on a GPU only; see docs/speed.md)",
     )
     run.add_argument(
         "--check", action="store_true", help="validate the study file with cli.py's parser and stop"

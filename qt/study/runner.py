@@ -263,10 +263,10 @@ def run(
     address: str | None = None,
     pack: bool = True,
     pack_limit: int | None = None,
-    compile: bool = True,
+    compile: bool | None = None,
 ) -> int:
     """Run (or resume) the study. `pack`: compatible jobs' fits train as packs (local backend;
-    `qt.study.packing`), at most `pack_limit` members each; `compile`: the packs' step compiled."""
+    `qt.study.packing`), at most `pack_limit` members each; `compile`: the packs' step compiled (None: on a GPU only)."""
     lock = lock_study(study)  # noqa: F841 (held to the end of the process)
     client, uri, exp_id, parent_id = open_store(study)
     jobs = study.jobs_here()
@@ -283,7 +283,7 @@ def run(
         if unit.is_pack:
             unit.spec = {"pack": [specs[i] for i in unit.indices], "pack_dir": unit.pack_dir,
                          "resume": unit.resume, "experiment_id": exp_id,
-                         "module_options": None if compile else {"compile": False}}  # fmt: skip
+                         "module_options": None if compile is None else {"compile": compile}}  # fmt: skip
         else:
             unit.spec = specs[unit.indices[0]]
     concurrent = min(study.workers, max(1, len(units)))

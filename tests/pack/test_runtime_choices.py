@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qt.runtime import autocast_dtype, compile_mode, cpu_has_amx, enable_tf32
+from qt.runtime import autocast_dtype, compile_by_default, compile_mode, cpu_has_amx, enable_tf32
 
 EPYC = "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
 SAPPHIRE = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
@@ -38,3 +38,20 @@ def test_tf32_is_set_on_cuda_only():
         assert torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_packs_compile_by_default_on_cuda_only():
+    """A pack left to choose compiles on CUDA (launch-bound) and runs eagerly on the CPU, where
+    compiling cost minutes and gained nothing; an explicit choice wins."""
+    from qt.pack.module import PackedQTModule
+    from tests.pack.conftest import SHARED
+
+    assert compile_by_default("cuda") is True
+    assert compile_by_default("cpu") is False
+    chosen = {}
+    for choice in (None, True, False):
+        pack = PackedQTModule([dict(seed=1)], compile=choice, **SHARED)
+        pack._step_fn()  # built for this module's device (the CPU), not run
+        [(device, _, compiled)] = pack._step_fns
+        chosen[choice] = (device, compiled)
+    assert chosen == {None: ("cpu", False), True: ("cpu", True), False: ("cpu", False)}
