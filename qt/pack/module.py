@@ -25,15 +25,18 @@ import torch
 from qt import losses
 from qt.data.batch import Segments
 from qt.errors import UserError
-from qt.module import QTModule, _mix
+from qt.module import QTModule
 from qt.pack import functional as PF
 from qt.runtime import autocast_dtype, compile_mode
+from qt.seeding import derived_seed
 
 # Scalar settings a member may set for itself; everything else is shared by the pack.
 OVERRIDABLE = ("eta", "eta2", "lambda_", "learning_rate", "critic_lr", "weight_decay",
                "grad_norm", "lr_min", "rtg_no_q", "infer_no_q")  # fmt: skip
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as QTModule uses them
-_DROPOUT_STREAM = 1000  # _mix(seed, step, 1000 + phase): apart from QTModule's 0, 1, 2 + rank
+_DROPOUT_STREAM = (
+    1000  # derived_seed(seed, step, 1000 + phase): apart from QTModule's 0, 1, 2 + rank
+)
 _M32 = 0xFFFFFFFF
 METRICS = ("train/critic_loss", "train/bc_loss", "train/q_loss", "train/actor_loss",
            "train/target_q_mean", "train/actor_grad_norm", "train/critic_grad_norm")  # fmt: skip
@@ -372,14 +375,14 @@ class PackedQTModule(L.LightningModule):
         coins, noise, keys, adam = [], [], [], []
         for i in range(n):
             step, seed = self._steps[i], self._seeds[i]
-            coin = torch.Generator().manual_seed(_mix(seed, step, 0))
+            coin = torch.Generator().manual_seed(derived_seed(seed, step, 0))
             coins.append(bool(losses.coin_flip(coin)))
             if self._cfg.repeats > 1:
-                g = torch.Generator().manual_seed(_mix(seed, step, 1))
+                g = torch.Generator().manual_seed(derived_seed(seed, step, 1))
                 noise.append(torch.randn(self._cfg.repeats - 1, generator=g))
             ks = []
             for phase in (0, 1):
-                k = _mix(seed, step, _DROPOUT_STREAM + phase)
+                k = derived_seed(seed, step, _DROPOUT_STREAM + phase)
                 ks.append([k & _M32, (k >> 32) & _M32])
             keys.append(ks)
             row = []
