@@ -424,9 +424,6 @@ def _clip(params, max_norm: float) -> torch.Tensor:
     return nn.utils.clip_grad_norm_(params, max_norm=limit, norm_type=2.0, foreach=True)
 
 
-_mix = derived_seed  # the name qt.pack.module imports the per-step seeds by
-
-
 def _finite(*values: torch.Tensor) -> bool:
     """Whether every value is finite (one host synchronisation; the packed loop's guard)."""
     return bool(torch.isfinite(torch.stack([v.detach().float() for v in values])).all())

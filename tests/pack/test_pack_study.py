@@ -37,8 +37,7 @@ def _study(data: str) -> dict:
 
 
 def _env() -> dict[str, str]:
-    # this checkout's qt, wherever the study runs (a shared environment may install another)
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, MPLBACKEND="Agg")
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
