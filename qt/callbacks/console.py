@@ -35,8 +35,9 @@ def _format(value: float) -> str:
     return f"{value:.4g}"
 
 
-class Console(L.Callback):
-    """The progress bar's metrics, the run's first line and its closing summary (rank 0)."""
+class StatusFile(L.Callback):
+    """The fit's progress in the file `QT_STATUS_FILE` names, at most every few seconds
+    (rank 0): iteration, step, rate, latest and best score. A pack's trainer has it too."""
 
     STATUS_EVERY_S = 2.0
 
@@ -87,6 +88,11 @@ class Console(L.Callback):
     @rank_zero_only
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write_status(trainer, force=True)
+
+
+class Console(StatusFile):
+    """The progress bar's metrics, the run's first line and its closing summary (rank 0), and
+    the progress in the status file (`StatusFile`)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         bar = trainer.progress_bar_callback
@@ -164,4 +170,4 @@ class Console(L.Callback):
         return None
 
 
-__all__ = ["BAR_METRICS", "Console"]
+__all__ = ["BAR_METRICS", "Console", "StatusFile"]

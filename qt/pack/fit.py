@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 
+from qt.callbacks.console import StatusFile
 from qt.checkpointing import AtomicCheckpointIO, load_checkpoint
 from qt.errors import UserError
 from qt.pack.callbacks import Member, PackedCheckpoints, PackedMembers
@@ -196,8 +197,9 @@ def fit_pack(
     trainer = L.Trainer(
         **trainer_args,
         logger=FanOutLogger(loggers),
+        # StatusFile: the pack's iteration, step and rate for a study's progress lines
         callbacks=[PackedTargetNetworks(**settings), PackedMembers(pack),
-                   PackedCheckpoints(pack, pack_last), *(callbacks or [])],
+                   PackedCheckpoints(pack, pack_last), StatusFile(), *(callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=True,  # PackedCheckpoints is the pack's Checkpoint
     )  # fmt: skip

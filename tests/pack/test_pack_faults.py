@@ -4,6 +4,7 @@ would have been without it; a pack stopped by SIGTERM mid-iteration and resumed 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -88,15 +89,24 @@ class StopAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_a_pack_stopped_by_sigterm_resumes_where_it_was(data, tmp_path):
+def test_a_pack_stopped_by_sigterm_resumes_where_it_was(data, tmp_path, monkeypatch):
     from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from qt.console import STATUS_ENV
 
     def members(save_dir: Path) -> list[list[str]]:
         args = common(data, save_dir)
         return [args + ["--seed_everything", "1"],
                 args + ["--seed_everything", "2", "--model.eta", "0.5"]]  # fmt: skip
 
+    status = tmp_path / "pack.status.json"
+    monkeypatch.setenv(STATUS_ENV, str(status))  # as a study sets it for the pack's process
     whole = fit_pack(members(tmp_path / "a"), module_class=LoopPackedQTModule)
+    monkeypatch.delenv(STATUS_ENV)
+    # the pack kept its progress there, for the study's progress lines: 3 iterations of 10 steps
+    st = json.loads(status.read_text())
+    assert (st["iteration"], st["iterations"], st["step"], st["steps"]) == (3, 3, 30, 30)
+    assert st["rate"] > 0
     with pytest.raises(SIGTERMException):
         fit_pack(members(tmp_path / "b"), module_class=LoopPackedQTModule, callbacks=[StopAt(15)])
     resumed = fit_pack(members(tmp_path / "b"), module_class=LoopPackedQTModule,
