@@ -28,6 +28,12 @@ def soft_update(target: nn.Module, source: nn.Module, weight: float) -> None:
     torch._foreach_lerp_(tgt, src, weight)
 
 
+def ema_due(n: int, step_start_ema: int, update_ema_every: int) -> bool:
+    """Whether the EMA actor moves after a step, n = the steps completed before it: the
+    reference's `n > step_start_ema and n % update_ema_every == 0` (first in step 1006)."""
+    return n > step_start_ema and n % update_ema_every == 0
+
+
 class TargetNetworks(L.Callback):
     """Updates `pl_module.ema_actor` and `pl_module.critic_target` after every training step.
 
@@ -64,7 +70,7 @@ class TargetNetworks(L.Callback):
             # no critic step (the Decision Transformer): nothing reads the target networks
             self.steps_done = n + 1
             return
-        if n > self.step_start_ema and n % self.update_ema_every == 0:
+        if ema_due(n, self.step_start_ema, self.update_ema_every):
             soft_update(pl_module.ema_actor, pl_module.actor, 1.0 - self.ema_decay)
             self.ema_updates += 1
         soft_update(pl_module.critic_target, pl_module.critic, self.tau)

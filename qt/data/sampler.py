@@ -100,12 +100,31 @@ def batch_rng(seed: int, rank: int, index: int) -> np.random.Generator:
     return np.random.default_rng(seed_sequence(seed, rank, index))
 
 
-class SegmentStream(IterableDataset):
-    """Endless batches of `batch_size` segments; iteration starts at batch number `start`.
+class IndexedBatches(IterableDataset):
+    """Endless batches `batch(start)`, `batch(start + 1)`, ...: a subclass says what batch
+    number i is (a function of i alone) and sets `start`.
 
     Under DataLoader workers, worker w of n yields batches start+w, start+w+n, ...; the
     DataLoader interleaves them back into order, so the stream is the same for any n.
     """
+
+    start: int = 0
+
+    def batch(self, index: int) -> Segments:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Segments]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        index = self.start + worker
+        while True:
+            yield self.batch(index)
+            index += workers
+
+
+class SegmentStream(IndexedBatches):
+    """Endless batches of `batch_size` segments; iteration starts at batch number `start`
+    (`IndexedBatches`: the same stream under any number of DataLoader workers)."""
 
     def __init__(
         self,
@@ -130,14 +149,6 @@ class SegmentStream(IterableDataset):
             self.store, self.batch_size, self.K, rng, self.full_windows_only
         )
         return gather_segments(self.store, trajs, starts, self.K, self.max_ep_len)
-
-    def __iter__(self) -> Iterator[Segments]:
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        index = self.start + worker
-        while True:
-            yield self.batch(index)
-            index += workers
 
 
 class StreamLoader(DataLoader):

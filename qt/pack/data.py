@@ -8,18 +8,18 @@ store is read once and shared by the members (they train on the same dataset).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from qt.data.batch import Segments
 from qt.data.datamodule import QTDataModule
-from qt.data.sampler import SegmentStream, StreamLoader
+from qt.data.sampler import IndexedBatches, SegmentStream, StreamLoader
 
 
-class PackedStream(IterableDataset):
+class PackedStream(IndexedBatches):
     """Endless stacked batches of N member streams, from batch number `start` on."""
 
     def __init__(self, streams: list[SegmentStream]) -> None:
@@ -29,14 +29,6 @@ class PackedStream(IterableDataset):
     def batch(self, index: int) -> Segments:
         parts = [stream.batch(index) for stream in self.streams]
         return Segments(*(torch.stack(fields) for fields in zip(*parts)))
-
-    def __iter__(self) -> Iterator[Segments]:
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        index = self.start + worker
-        while True:
-            yield self.batch(index)
-            index += workers
 
 
 class PackedDataModule(L.LightningDataModule):

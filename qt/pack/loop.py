@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from qt.callbacks.targets import soft_update
+from qt.callbacks.targets import ema_due, soft_update
 from qt.data.batch import Segments
 from qt.errors import UserError
 from qt.module import QTModule
@@ -136,7 +136,7 @@ class LoopPackedQTModule(L.LightningModule):
             if not bool(self.active[i]):
                 continue
             n = fit._steps - 1
-            if n > step_start_ema and n % update_ema_every == 0:
+            if ema_due(n, step_start_ema, update_ema_every):
                 soft_update(fit.ema_actor, fit.actor, 1.0 - ema_decay)
             soft_update(fit.critic_target, fit.critic, tau)
 

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 
 from qt import losses
+from qt.callbacks.targets import ema_due
 from qt.data.batch import Segments
 from qt.errors import UserError
 from qt.module import QTModule
@@ -449,7 +450,7 @@ class PackedQTModule(L.LightningModule):
         for i in range(self.n_members):
             n = self._steps[i] - 1
             live = self._active[i] and n >= 0
-            ema_on.append(live and n > step_start_ema and n % update_ema_every == 0)
+            ema_on.append(live and ema_due(n, step_start_ema, update_ema_every))
             polyak_on.append(live)
         for tgt, src, on, weight in (
             ("ema_actor", "actor", ema_on, 1.0 - ema_decay),
