@@ -271,7 +271,7 @@ def compare_vmap(size: str, fits: int, store, repeats: int = 3) -> str:
     params = {k: v.detach().requires_grad_() for k, v in params.items()}
     b = stacked_batches(size, fits, store)[0]
     arch = dict(n_layer=hp["n_layer"], n_head=hp["n_head"], sar=False, scale=1000.0,
-                dropout=0.0, embed_dropout=0.0, keys=None)  # fmt: skip
+                dropout=0.0, embed_dropout=0.0, noise=None)  # fmt: skip
     base = actors[0]
 
     def batched():

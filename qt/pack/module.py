@@ -4,7 +4,7 @@ Every parameter, target copy and Adam moment is stored stacked, (N, *shape), und
 `QTModule`'s networks; one training step runs QTModule's step (critic update, then actor update)
 for all members at once through `qt.pack.functional`, as one function that `torch.compile` can
 take whole (forward, backward, clipping and Adam of both halves). What belongs to a member stays
-its own: its batch (the batch's leading dim), its dropout masks (hashed from its seed and step),
+its own: its batch (the batch's leading dim), its dropout masks (from its seed and step),
 its coin flip and max_q_backup noise (QTModule's own streams), its gradient-norm clipping, its
 Adam state and learning-rate schedule, its targets, its eta2. See CONTRACT.md beside this file
 for what the Lightning plumbing may use.
@@ -83,11 +83,19 @@ class PackedQTModule(L.LightningModule):
             (the default): on CUDA only (`qt.runtime.compile_by_default`).
         autocast: bf16 autocast where it pays (`qt.runtime.autocast_dtype`: CUDA, or a CPU
             with AMX); off: float32 everywhere.
+        dropout_noise: where dropout masks come from, "drawn" or "hashed"
+            (`qt.pack.functional.member_dropout`); None (the default): drawn on the CPU, hashed
+            elsewhere.
         **hparams: QTModule's arguments, shared by every member.
     """
 
     def __init__(
-        self, members: list[dict], compile: bool | None = None, autocast: bool = True, **hparams
+        self,
+        members: list[dict],
+        compile: bool | None = None,
+        autocast: bool = True,
+        dropout_noise: str | None = None,
+        **hparams,
     ) -> None:
         super().__init__()
         if not members:
@@ -116,6 +124,12 @@ class PackedQTModule(L.LightningModule):
         self.members = [dict(m) for m in members]
         self.shared = dict(hparams)
         self.use_compile = compile
+        if dropout_noise not in (None, "drawn", "hashed"):
+            raise UserError(
+                f"PackedQTModule got dropout_noise={dropout_noise!r}: expected 'drawn', "
+                "'hashed' or None."
+            )
+        self._dropout_noise = dropout_noise
 
         fresh = [self._fresh_member(i, seeded=True) for i in range(len(members))]
         hp = fresh[0].hparams
@@ -372,9 +386,19 @@ class PackedQTModule(L.LightningModule):
             self._step_fns[key] = PackedStep(cfg, use_compile)
         return self._step_fns[key]
 
-    def _host_inputs(self) -> dict[str, torch.Tensor]:
-        """This step's per-member numbers: coin flips, max_q_backup noise, dropout keys, Adam's
-        step sizes and bias corrections (float64 on the host, as torch.optim.Adam has them)."""
+    def dropout_noise(self) -> str:
+        """Where this pack's dropout masks come from (`qt.pack.functional.member_dropout`):
+        'drawn' (each member's own torch generator) on the CPU, 'hashed' (a counter-based hash,
+        free inside compiled kernels) elsewhere, unless the module was given one. A member's masks are a function of its seed,
+        its step and this choice; packs resume on the device type they started on."""
+        if self._dropout_noise is not None:
+            return self._dropout_noise
+        return "drawn" if self.device.type == "cpu" else "hashed"
+
+    def _host_inputs(self, batch: Segments) -> dict:
+        """This step's per-member numbers: coin flips, max_q_backup noise, dropout noise per
+        phase (0 the EMA actor's, 1 the actor's), Adam's step sizes and bias corrections
+        (float64 on the host, as torch.optim.Adam has them)."""
         n, dev = self.n_members, self.device
         coins, noise, keys, adam = [], [], [], []
         for i in range(n):
@@ -404,6 +428,25 @@ class PackedQTModule(L.LightningModule):
         }
         if noise:
             out["noise"] = torch.stack(noise).to(dev)
+        cfg = self._cfg
+        for phase in (0, 1):
+            if phase == 0 and not cfg.ema_dropout:
+                out["dropout0"] = None
+            elif self.dropout_noise() == "hashed":
+                out[f"dropout{phase}"] = out["keys"][:, phase]
+            else:
+                B, T = batch.mask.shape[1:]
+                sites = PF.dropout_sites(
+                    B * (cfg.repeats if phase == 0 else 1), T,
+                    getattr(self, _buffer_name("actor", "embed_state.weight")).shape[1],
+                    n_layer=cfg.n_layer, n_head=cfg.n_head, dropout=cfg.dropout,
+                    embed_dropout=cfg.embed_dropout,
+                )  # fmt: skip
+                seeds = [
+                    derived_seed(seed, step, _DROPOUT_STREAM + phase)
+                    for seed, step in zip(self._seeds, self._steps)
+                ]
+                out[f"dropout{phase}"] = PF.drawn_uniforms(seeds, sites, dev)
         return out
 
     def training_step(self, batch: Segments, batch_idx: int) -> None:
@@ -415,7 +458,7 @@ class PackedQTModule(L.LightningModule):
         state = {g: self._group(g) for g in (
             "actor", "critic", "ema_actor", "critic_target", "actor_exp_avg",
             "actor_exp_avg_sq", "critic_exp_avg", "critic_exp_avg_sq")}  # fmt: skip
-        inputs = self._host_inputs()
+        inputs = self._host_inputs(batch)
         metrics, ok = self._step_fn()(
             state, Segments(*batch), inputs, self.eta2.float(), self.eta, self.active
         )
@@ -564,10 +607,9 @@ def _targets(st, batch, inp, *, cfg: _Config):
             rtg = src.rtg.clone()
             rtg[:, :, K - 1, 0] += 0.1 * noise.repeat(1, B)
             src = src._replace(rtg=rtg)
-        ema_keys = inp["keys"][:, 0] if cfg.ema_dropout else None
         next_actions = PF.actor_forward(
             st["ema_actor"], src.states, src.actions, src.rewards, src.rtg[:, :, :-1],
-            src.timesteps, src.mask, keys=ema_keys, **_arch(cfg),
+            src.timesteps, src.mask, noise=inp["dropout0"], **_arch(cfg),
         )[1]  # fmt: skip
         if cfg.k_rewards:
             tq1, tq2 = PF.critic_forward(
@@ -594,13 +636,13 @@ def _critic_loss(cp, batch, target_q, *, cfg: _Config):
     return torch.vmap(losses.critic_loss)(q1.float(), q2.float(), target_q, batch.mask)
 
 
-def _actor_loss(ap, critic, batch, rewards, keys, coin, eta2, eta, *, cfg: _Config):
+def _actor_loss(ap, critic, batch, rewards, noise, coin, eta2, eta, *, cfg: _Config):
     """Per-member actor losses (N,), with their BC and Q terms: the critic frozen."""
     N = batch.mask.shape[0]
     with _amp(cfg):
         state_preds, action_preds, reward_preds = PF.actor_forward(
             ap, batch.states, batch.actions, rewards, batch.rtg[:, :, :-1],
-            batch.timesteps, batch.mask, keys=keys, **_arch(cfg),
+            batch.timesteps, batch.mask, noise=noise, **_arch(cfg),
         )  # fmt: skip
         # the Q term's numerator is Q1 or Q2 by the member's coin, its denominator the other,
         # detached: pick each member's networks by the coin, so that only the numerator's
@@ -686,7 +728,7 @@ class PackedStep:
         ap = {k: v.detach().requires_grad_() for k, v in st["actor"].items()}
         critic = {k: v.detach() for k, v in st["critic"].items()}
         a_loss, bc, q = P["actor_loss"](
-            ap, critic, batch, rewards, inp["keys"][:, 1], inp["coin"], eta2, eta
+            ap, critic, batch, rewards, inp["dropout1"], inp["coin"], eta2, eta
         )
         wanted = [k for k in ap if k not in self.cfg.idle]
         grads = torch.autograd.grad(a_loss.sum(), [ap[k] for k in wanted])

@@ -12,7 +12,13 @@ import torch
 from qt.acting.policy import QTPolicy
 from qt.errors import UserError
 from qt.module import QTModule
-from qt.pack.functional import hashed_dropout, uniform_bits
+from qt.pack.functional import (
+    dropout_sites,
+    drawn_uniforms,
+    hashed_dropout,
+    member_dropout,
+    uniform_bits,
+)
 from qt.pack.module import PackedQTModule
 from tests.pack.conftest import SHARED, S, fit_pack, fit_separate, stack, stream
 
@@ -172,8 +178,37 @@ def test_hashed_dropout_masks_are_each_members_own():
     assert torch.equal(alone[0], y[1])
 
 
-def test_dropout_stream_does_not_depend_on_the_other_members():
-    shared = SHARED | dict(dropout=0.2, embed_dropout=0.1)
+def test_drawn_dropout_masks_are_each_members_own():
+    p = 0.25
+    sites = dropout_sites(4, 5, 8, n_layer=2, n_head=2, dropout=p, embed_dropout=0.1)
+    # the sites and their shapes as the actor meets them: embeddings, then per layer the
+    # attention weights (rows, heads, 3T, 3T) and two residual branches (rows, 3T, d)
+    assert sites == {0: (4, 15, 8), 1: (4, 2, 15, 15), 2: (4, 15, 8), 3: (4, 15, 8),
+                     4: (4, 2, 15, 15), 5: (4, 15, 8), 6: (4, 15, 8)}  # fmt: skip
+    assert list(dropout_sites(4, 5, 8, n_layer=2, n_head=2, dropout=0.0, embed_dropout=0.1)) == [0]
+    noise = drawn_uniforms([11, 12, 11], sites)
+    # member n's noise is torch's uniform stream of its seed, cut in the sites' order
+    for n, seed in enumerate([11, 12, 11]):
+        expected = torch.rand(sum(math.prod(s) for s in sites.values()),
+                              generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        got = torch.cat([noise[k][n].reshape(-1) for k in sites])
+        assert torch.equal(got, expected)
+    assert torch.equal(noise[4][0], noise[4][2]) and not torch.equal(noise[4][0], noise[4][1])
+    alone = drawn_uniforms([12], sites)
+    assert all(torch.equal(alone[k][0], noise[k][1]) for k in sites)
+    # dropout keeps an element when its uniform is >= p, scaled by 1 / (1 - p)
+    x = torch.ones(3, 4, 2, 15, 15)
+    y = member_dropout(x, p, noise, 4)
+    assert torch.equal(y != 0, noise[4] >= p)
+    assert torch.all(y[y != 0] == 1 / (1 - p))
+    kept = (y != 0).float().mean()
+    assert abs(kept - (1 - p)) < 5 * math.sqrt(p * (1 - p) / y.numel())
+    assert member_dropout(x, p, None, 4) is x and member_dropout(x, 0.0, noise, 4) is x
+
+
+@pytest.mark.parametrize("noise", ["drawn", "hashed"])
+def test_dropout_stream_does_not_depend_on_the_other_members(noise):
+    shared = SHARED | dict(dropout=0.2, embed_dropout=0.1, dropout_noise=noise)
     batches = {s: stream(s, 12) for s in (1, 3)}
     alone = fit_pack(
         PackedQTModule([dict(seed=3)], compile=False, **shared), stack([batches[3]]), 1
@@ -185,7 +220,9 @@ def test_dropout_stream_does_not_depend_on_the_other_members():
     assert_same_networks(alone.member_module(0), pair.member_module(1), atol=1e-6)
     # and dropout acted: the same member without dropout trains elsewhere
     plain = fit_pack(
-        PackedQTModule([dict(seed=3)], compile=False, **SHARED | dict(embed_dropout=0.0)),
+        PackedQTModule(
+            [dict(seed=3)], compile=False, **SHARED | dict(embed_dropout=0.0, dropout_noise=noise)
+        ),
         stack([batches[3]]), 1,
     )  # fmt: skip
     diff = max(
