@@ -13,8 +13,8 @@ from qt.acting.policy import QTPolicy
 from qt.errors import UserError
 from qt.module import QTModule
 from qt.pack.functional import (
-    dropout_sites,
     drawn_uniforms,
+    dropout_sites,
     hashed_dropout,
     member_dropout,
     uniform_bits,
