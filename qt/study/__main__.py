@@ -38,11 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these of the file's seeds (the rest on other machines; then `merge`)",
     )
     run.add_argument(
-        "--no-pack",
-        dest="pack",
-        action="store_false",
-        help="fit every job in its own process (by default, jobs that differ only in seed and "
-        "scalar settings train together as packs)",
+        "--pack",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train jobs that differ only in seed and scalar settings together as packs "
+        "(default: where a GPU is; on a CPU a pack is no faster than separate fits, "
+        "docs/speed.md); --no-pack: every job in its own process",
     )
     run.add_argument(
         "--pack-size",

@@ -261,12 +261,13 @@ def run(
     study: Study,
     backend: str = "local",
     address: str | None = None,
-    pack: bool = True,
+    pack: bool | None = None,
     pack_limit: int | None = None,
     compile: bool | None = None,
 ) -> int:
     """Run (or resume) the study. `pack`: compatible jobs' fits train as packs (local backend;
-    `qt.study.packing`), at most `pack_limit` members each; `compile`: the packs' step compiled (None: on a GPU only)."""
+    `qt.study.packing`), at most `pack_limit` members each (None: where a GPU is,
+    `packing.pack_by_default`); `compile`: the packs' step compiled (None: on a GPU only)."""
     lock = lock_study(study)  # noqa: F841 (held to the end of the process)
     client, uri, exp_id, parent_id = open_store(study)
     jobs = study.jobs_here()
@@ -277,7 +278,7 @@ def run(
     tests_only = sum(s.fit_finished for s in todo)
     from qt.study import packing
 
-    pack = pack and backend == "local"
+    pack = (packing.pack_by_default() if pack is None else pack) and backend == "local"
     units = packing.plan(todo, specs, pack, pack_limit, _config_of)
     for unit in units:
         if unit.is_pack:

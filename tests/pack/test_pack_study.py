@@ -57,7 +57,7 @@ def studies(tmp_path_factory):
     ds = generate(TASK, steps=2000, seed=0, ref_episodes=1, max_episode_steps=60)
     data = str(write_d4rl_hdf5(ds, root / f"{TASK}.hdf5"))
     out = {}
-    for name, args in (("packed", ["--no-compile"]), ("separate", ["--no-pack"])):
+    for name, args in (("packed", ["--pack", "--no-compile"]), ("separate", ["--no-pack"])):
         folder = root / name
         folder.mkdir()
         (folder / "study.yaml").write_text(yaml.safe_dump(_study(data), sort_keys=False))
