@@ -67,7 +67,11 @@ def hashed_dropout(x: torch.Tensor, p: float, keys: torch.Tensor | None, site: i
     """
     if keys is None or p == 0.0:
         return x
-    keep = uniform_bits(keys, site, tuple(x.shape)) >= int(round(p * 2**32))
+    return _keep_scaled(x, uniform_bits(keys, site, tuple(x.shape)) >= int(round(p * 2**32)), p)
+
+
+def _keep_scaled(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """x where `keep`, scaled by 1 / (1 - p) as `F.dropout` scales it; 0 elsewhere."""
     return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype))
 
 
@@ -118,8 +122,7 @@ def member_dropout(x: torch.Tensor, p: float, noise: Noise, site: int) -> torch.
         return hashed_dropout(x, p, noise, site)
     if p == 0.0:
         return x
-    keep = noise[site].view(x.shape) >= p
-    return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype))
+    return _keep_scaled(x, noise[site].view(x.shape) >= p, p)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

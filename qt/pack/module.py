@@ -389,8 +389,9 @@ class PackedQTModule(L.LightningModule):
     def dropout_noise(self) -> str:
         """Where this pack's dropout masks come from (`qt.pack.functional.member_dropout`):
         'drawn' (each member's own torch generator) on the CPU, 'hashed' (a counter-based hash,
-        free inside compiled kernels) elsewhere, unless the module was given one. A member's masks are a function of its seed,
-        its step and this choice; packs resume on the device type they started on."""
+        free inside compiled kernels) elsewhere, unless the module was given one. A member's
+        masks are a function of its seed, its step and this choice; packs resume on the device
+        type they started on."""
         if self._dropout_noise is not None:
             return self._dropout_noise
         return "drawn" if self.device.type == "cpu" else "hashed"
@@ -400,7 +401,7 @@ class PackedQTModule(L.LightningModule):
         phase (0 the EMA actor's, 1 the actor's), Adam's step sizes and bias corrections
         (float64 on the host, as torch.optim.Adam has them)."""
         n, dev = self.n_members, self.device
-        coins, noise, keys, adam = [], [], [], []
+        coins, noise, adam = [], [], []
         for i in range(n):
             step, seed = self._steps[i], self._seeds[i]
             coin = torch.Generator().manual_seed(derived_seed(seed, step, 0))
@@ -408,10 +409,6 @@ class PackedQTModule(L.LightningModule):
             if self._cfg.repeats > 1:
                 g = torch.Generator().manual_seed(derived_seed(seed, step, 1))
                 noise.append(torch.randn(self._cfg.repeats - 1, generator=g))
-            keys.append(
-                [[derived_seed(seed, step, _DROPOUT_STREAM + phase, word) & _M32
-                  for word in (0, 1)] for phase in (0, 1)]
-            )  # fmt: skip
             row = []
             for j in (0, 1):
                 t = self._adam[i][j] + 1
@@ -420,7 +417,6 @@ class PackedQTModule(L.LightningModule):
             adam.append(row)
         out = {
             "coin": torch.tensor(coins, device=dev),
-            "keys": torch.tensor(keys, dtype=torch.int64, device=dev),
             "adam": torch.tensor(adam, dtype=torch.float32, device=dev),
             "max_norm": torch.where(
                 self.grad_norm > 0, self.grad_norm, torch.full_like(self.grad_norm, math.inf)
@@ -433,7 +429,12 @@ class PackedQTModule(L.LightningModule):
             if phase == 0 and not cfg.ema_dropout:
                 out["dropout0"] = None
             elif self.dropout_noise() == "hashed":
-                out[f"dropout{phase}"] = out["keys"][:, phase]
+                keys = [
+                    [derived_seed(seed, step, _DROPOUT_STREAM + phase, word) & _M32
+                     for word in (0, 1)]
+                    for seed, step in zip(self._seeds, self._steps)
+                ]  # fmt: skip
+                out[f"dropout{phase}"] = torch.tensor(keys, dtype=torch.int64, device=dev)
             else:
                 B, T = batch.mask.shape[1:]
                 sites = PF.dropout_sites(
