@@ -43,6 +43,7 @@ from qt.data.batch import Segments
 from qt.data.sampler import SegmentStream
 from qt.module import QTModule
 from qt.runtime import keep_freed_memory
+from qt.study.packing import cores as usable_cores
 
 K, MAX_EP_LEN = 20, 1000
 SIZES = {
@@ -66,7 +67,7 @@ def cpu_name() -> str:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    return f"{cpu_name()}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {usable_cores()} cores"
 
 
 def hparams(size: str, store) -> dict:
@@ -147,7 +148,7 @@ def separate_rate(
 ) -> tuple[float, list]:
     """Aggregate fit-steps/s of `workers` concurrent processes (separate fits, or packs of
     `members` fits each), and their rates."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, usable_cores() // workers)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     procs = [
         subprocess.Popen(
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     keep_freed_memory()
     store = synthetic_store("hopper-medium-v2", trajectories=300)
-    cores = os.cpu_count() or 1
+    cores = usable_cores()  # the cores this process may run on (taskset, cgroups)
     if args.compare_vmap:
         for size in sizes:
             print(compare_vmap(size, args.fits, store), flush=True)

@@ -2,8 +2,9 @@
 networks, logging), the batch drawn from the sampler inside the timed loop, and the
 floating-point rate that achieves against this machine's peak, both measured in this run.
 
-Sizes: the published one (B=256, K=20, d=256, 4 layers, 4 heads) and a CPU one (B=64, K=20,
-d=128, 3 layers, 4 heads), hopper's state and action sizes. The FLOPs of one step (the matmuls
+Sizes: the published one (B=256, K=20, d=256, 4 layers, 4 heads), a CPU one (B=64, K=20,
+d=128, 3 layers, 4 heads) and the CPU studies' width-64 regime (B=64, K=20, d=64, 2 layers,
+2 heads), hopper's state and action sizes. The FLOPs of one step (the matmuls
 and attention of every forward and backward: critic, EMA actor, target critic, actor, the Q
 term) are counted by `torch.utils.flop_counter` on a one-step fit and checked against a count
 by hand (`bench._common.train_step_flops`) and one from the matmul shapes the step ran. The peak
@@ -13,7 +14,7 @@ the same threads (`bench._common.peak_rate`).
 `--profile` instead runs torch's profiler over 10 steps (after 8 unprofiled ones) and prints
 where a step's time goes: its wall time, the GPU's kernel time within it, the kernel launches
 per step, and the most expensive operators.
-`python -m bench train_step [--steps N] [--size cpu|published] [--profile]`; set QT_BENCH_DEVICE=cuda (and
+`python -m bench train_step [--steps N] [--size width64|cpu|published] [--profile]`; set QT_BENCH_DEVICE=cuda (and
 QT_BENCH_PRECISION=bf16-mixed, or QT_BENCH_MATMUL=high for TF32 float32 matmuls, as
 cli.py's float32_matmul_precision) on a GPU machine.
 """
@@ -47,6 +48,7 @@ K = 20
 SIZES = {
     "published": dict(batch_size=256, hidden_size=256, n_layer=4, n_head=4),
     "cpu": dict(batch_size=64, hidden_size=128, n_layer=3, n_head=4),
+    "width64": dict(batch_size=64, hidden_size=64, n_layer=2, n_head=2),
 }
 
 
@@ -188,7 +190,7 @@ def profile_steps(size: str, device: str, precision: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench train_step")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per size")
-    parser.add_argument("--size", choices=sorted(SIZES), action="append", help="(default: both)")
+    parser.add_argument("--size", choices=sorted(SIZES), action="append", help="(default: all three)")
     parser.add_argument("--profile", action="store_true", help="where a step's time goes")
     args, _ = parser.parse_known_args(argv if argv is not None else [])
     keep_freed_memory()  # as cli.py does
@@ -197,13 +199,13 @@ def main(argv: list[str] | None = None) -> None:
     matmul = os.environ.get("QT_BENCH_MATMUL", "highest")
     torch.set_float32_matmul_precision(matmul)
     if args.profile:
-        for size in args.size or ("cpu", "published"):
+        for size in args.size or ("width64", "cpu", "published"):
             print(profile_steps(size, device, precision), flush=True)
         return
     rows = []
-    for size in args.size or ("cpu", "published"):
+    for size in args.size or ("width64", "cpu", "published"):
         cfg = SIZES[size]
-        steps = args.steps or (30 if size == "cpu" else 6)
+        steps = args.steps or (6 if size == "published" else 30)
         if device == "cuda":
             steps = args.steps or 100
         counted, shapes = flops_per_step(size, device, precision)
