@@ -190,7 +190,9 @@ def profile_steps(size: str, device: str, precision: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench train_step")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per size")
-    parser.add_argument("--size", choices=sorted(SIZES), action="append", help="(default: all three)")
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), action="append", help="(default: all three)"
+    )
     parser.add_argument("--profile", action="store_true", help="where a step's time goes")
     args, _ = parser.parse_known_args(argv if argv is not None else [])
     keep_freed_memory()  # as cli.py does

@@ -80,23 +80,50 @@ def _duration(seconds: float) -> str:
 
 def status_line(path: str | os.PathLike) -> str | None:
     """One line of a running fit's progress from its status file: iteration, step, rate, time
-    left and its latest score; None while the fit has written none."""
+    left and its latest score, or what it is doing besides training (`phase`: evaluating,
+    testing) instead of the rate; None while nothing has been written."""
     import json
 
     try:
         st = json.loads(open(path).read())
     except (OSError, ValueError):
         return None
-    parts = [f"iteration {st['iteration']}/{st['iterations']}",
-             f"step {st['step']:,}/{st['steps']:,}"]  # fmt: skip
-    if st.get("rate"):
-        parts.append(f"{st['rate']:.1f} steps/s")
-        parts.append(f"{_duration((st['steps'] - st['step']) / st['rate'])} left")
-    if st.get("score") is not None:
-        parts.append(f"score {st['score']:.1f} (best {st['best']:.1f})")
-    else:
-        parts.append("no evaluation yet")
-    return ", ".join(parts)
+    parts = []
+    training = "iteration" in st
+    if training:
+        parts += [f"iteration {st['iteration']}/{st['iterations']}",
+                  f"step {st['step']:,}/{st['steps']:,}"]  # fmt: skip
+        if st.get("rate") and not st.get("phase"):
+            parts.append(f"{st['rate']:.1f} steps/s")
+            parts.append(f"{_duration((st['steps'] - st['step']) / st['rate'])} left")
+    if st.get("phase"):
+        parts.append(st["phase"])
+    if training:
+        if st.get("score") is not None:
+            parts.append(f"score {st['score']:.1f} (best {st['best']:.1f})")
+        else:
+            parts.append("no evaluation yet")
+    return ", ".join(parts) or None
+
+
+def note_phase(phase: str | None) -> None:
+    """Put `phase` (what a process is doing besides training: "evaluating 5 episodes",
+    "testing 50 episodes"; None: nothing) into the status file `QT_STATUS_FILE` names, keeping
+    the rest of it; nothing when no file is named. Called by rank 0 only."""
+    import json
+
+    path = os.environ.get(STATUS_ENV)
+    if not path:
+        return
+    try:
+        st = json.loads(open(path).read())
+    except (OSError, ValueError):
+        st = {}
+    st["phase"] = phase
+    try:
+        write_status(path, st)
+    except OSError:  # progress is a courtesy: never stop a fit for it
+        pass
 
 
 def write_status(path: str | os.PathLike, status: dict) -> None:
@@ -109,4 +136,4 @@ def write_status(path: str | os.PathLike, status: dict) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["STATUS_ENV", "quiet", "say", "status_line", "write_status"]
+__all__ = ["STATUS_ENV", "note_phase", "quiet", "say", "status_line", "write_status"]
