@@ -50,6 +50,7 @@ SIZES = {
     "cpu": dict(batch_size=64, hidden_size=128, n_layer=3, n_head=4),
     "width64": dict(batch_size=64, hidden_size=64, n_layer=2, n_head=2),
 }
+DEFAULT_SIZES = ("width64", "cpu", "published")  # when no --size is given
 
 
 class _StepClock(L.Callback):
@@ -201,11 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     matmul = os.environ.get("QT_BENCH_MATMUL", "highest")
     torch.set_float32_matmul_precision(matmul)
     if args.profile:
-        for size in args.size or ("width64", "cpu", "published"):
+        for size in args.size or DEFAULT_SIZES:
             print(profile_steps(size, device, precision), flush=True)
         return
     rows = []
-    for size in args.size or ("width64", "cpu", "published"):
+    for size in args.size or DEFAULT_SIZES:
         cfg = SIZES[size]
         steps = args.steps or (6 if size == "published" else 30)
         if device == "cuda":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 
 import lightning as L
 
@@ -82,11 +83,8 @@ def status_line(path: str | os.PathLike) -> str | None:
     """One line of a running fit's progress from its status file: iteration, step, rate, time
     left and its latest score, or what it is doing besides training (`phase`: evaluating,
     testing) instead of the rate; None while nothing has been written."""
-    import json
-
-    try:
-        st = json.loads(open(path).read())
-    except (OSError, ValueError):
+    st = _read_status(path)
+    if st is None:
         return None
     parts = []
     training = "iteration" in st
@@ -106,24 +104,40 @@ def status_line(path: str | os.PathLike) -> str | None:
     return ", ".join(parts) or None
 
 
-def note_phase(phase: str | None) -> None:
-    """Put `phase` (what a process is doing besides training: "evaluating 5 episodes",
-    "testing 50 episodes"; None: nothing) into the status file `QT_STATUS_FILE` names, keeping
-    the rest of it; nothing when no file is named. Called by rank 0 only."""
+def _read_status(path: str | os.PathLike) -> dict | None:
+    """The status file's contents; None when it is missing or half-written."""
     import json
 
-    path = os.environ.get(STATUS_ENV)
-    if not path:
-        return
     try:
-        st = json.loads(open(path).read())
+        with open(path) as f:
+            return json.load(f)
     except (OSError, ValueError):
-        st = {}
-    st["phase"] = phase
+        return None
+
+
+@contextmanager
+def noted_phase(phase: str, active: bool = True):
+    """Within the block, `phase` (what a process is doing besides training: "evaluating 5
+    episodes", "testing 50 episodes") stands in the status file `QT_STATUS_FILE` names, the rest
+    of the file kept; nothing when no file is named or not `active` (ranks other than 0)."""
+    path = os.environ.get(STATUS_ENV)
+    if not path or not active:
+        yield
+        return
+
+    def note(value: str | None) -> None:
+        st = _read_status(path) or {}
+        st["phase"] = value
+        try:
+            write_status(path, st)
+        except OSError:  # progress is a courtesy: never stop a fit for it
+            pass
+
+    note(phase)
     try:
-        write_status(path, st)
-    except OSError:  # progress is a courtesy: never stop a fit for it
-        pass
+        yield
+    finally:
+        note(None)
 
 
 def write_status(path: str | os.PathLike, status: dict) -> None:
@@ -136,4 +150,4 @@ def write_status(path: str | os.PathLike, status: dict) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["STATUS_ENV", "note_phase", "quiet", "say", "status_line", "write_status"]
+__all__ = ["STATUS_ENV", "noted_phase", "quiet", "say", "status_line", "write_status"]

@@ -24,7 +24,7 @@ from torchmetrics.aggregation import CatMetric
 
 from qt.acting.episodes import run_episodes
 from qt.acting.policy import QTPolicy
-from qt.console import note_phase, say
+from qt.console import noted_phase, say
 from qt.envs import make_env
 from qt.errors import UserError
 from qt.tasks import get_task
@@ -179,10 +179,8 @@ class Evaluation(L.Callback):
         of = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         say(trainer, f"{label}iteration {epoch + 1}{of}: evaluating {len(seeds)} episodes ...")
         start = time.perf_counter()
-        summary = self._with_phase(
-            trainer, f"{label}evaluating {len(seeds)} episodes",
-            lambda: self.evaluate(trainer, pl_module, seeds),
-        )  # fmt: skip
+        with noted_phase(f"{label}evaluating {len(seeds)} episodes", trainer.global_rank == 0):
+            summary = self.evaluate(trainer, pl_module, seeds)
         self._video(trainer, pl_module, seeds[0], f"epoch{epoch:04d}")
         metrics = summary.metrics("eval")
         if metrics["eval/normalized_score"] > self.best.get(
@@ -218,27 +216,12 @@ class Evaluation(L.Callback):
         base = self.episode_base(pl_module)
         seeds = [base + i for i in range(self.test_episodes)]
         what = "testing" if prefix == "test" else "validating"
-        summary = self._with_phase(
-            trainer,
-            f"{what} {len(seeds)} episodes",
-            lambda: self.evaluate(trainer, pl_module, seeds),
-        )
+        with noted_phase(f"{what} {len(seeds)} episodes", trainer.global_rank == 0):
+            summary = self.evaluate(trainer, pl_module, seeds)
         self._video(trainer, pl_module, seeds[0], prefix)
         pl_module.log_dict(summary.metrics(prefix), sync_dist=False)
         if trainer.global_rank == 0:  # the table is what `cli.py test` prints
             print(f"Evaluation of {self._task_name(trainer)}:\n{summary.table()}", flush=True)
-
-    @staticmethod
-    def _with_phase(trainer: L.Trainer, phase: str, work):
-        """`work()`, with `phase` in the status file meanwhile (qt.console.note_phase), so
-        that a demo or study watching the fit shows the episodes, not a stale training rate."""
-        if trainer.global_rank == 0:
-            note_phase(phase)
-        try:
-            return work()
-        finally:
-            if trainer.global_rank == 0:
-                note_phase(None)
 
     def episode_base(self, pl_module: L.LightningModule) -> int:
         """The first episode seed: `seed` when set, else the fit's seed times SEED_STRIDE."""
