@@ -163,7 +163,7 @@ def test_variants_train_to_their_separate_fits(variant, float64):
             for name, p in getattr(member, net).named_parameters():
                 assert p.dtype == torch.float64
                 torch.testing.assert_close(
-                    p, theirs[name], rtol=0, atol=1e-7, msg=lambda m, n=f"{net}.{name}": f"{n}: {m}"
+                    p, theirs[name], rtol=0, atol=1e-7, msg=lambda e, n=f"{net}.{name}": f"{n}: {e}"
                 )
 
 
