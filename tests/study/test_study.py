@@ -502,23 +502,34 @@ def test_seeds_outside_the_study_file_stop_with_one_sentence(tmp_path, data, mon
     assert study.selected is None and len([j for j in study.jobs() if study.runs_here(j)]) == 8
 
 
-@pytest.mark.parametrize("name", ["maze2d-medium-cpu-w64-3way", "maze2d-medium-cpu-w64-3way-12k"])
-def test_the_three_way_studies_dt_is_the_published_recipe_at_the_regimes_sizes(name, monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "maze", "eta"),
+    [
+        ("maze2d-medium-cpu-w64-3way", "maze2d-medium", 5.0),
+        ("maze2d-medium-cpu-w64-3way-12k", "maze2d-medium", 5.0),
+        ("maze2d-large-cpu-w64-3way", "maze2d-large", 4.0),
+    ],
+)
+def test_the_three_way_studies_dt_is_the_published_recipe_at_the_regimes_sizes(
+    name, maze, eta, monkeypatch
+):
     """Each variant of the three-way studies, parsed as its fits are: `dt` is exactly
-    configs/dt/maze2d-medium-w64.yaml (but for the study's budget), with the published
-    recipe's numbers (docs/baselines.md); qt and qt-no-q are the regime's QT trainer."""
+    configs/dt/<maze>-w64.yaml (but for the study's budget), with the published recipe's
+    numbers (docs/baselines.md); qt and qt-no-q are the regime's QT trainer, qt with the
+    maze's published eta (docs/algorithm.md: medium 5, large 4)."""
     from qt.study.spec import fit_args, parse_fit
 
     monkeypatch.chdir(ROOT)
     study = load_study(ROOT / "configs" / "studies" / f"{name}.yaml", check=False)
     assert list(study.variants) == ["qt", "dt", "qt-no-q"] and study.seeds == [0, 1, 2, 3, 4]
     assert study.test_episodes == 50
-    task = "maze2d-medium-v1"
+    task = f"{maze}-v1"
+    assert list(study.tasks) == [task]
     parsed = {
         v: parse_fit(fit_args(study, task, {**study.overrides, **study.tasks[task], **over}), v)
         for v, over in study.variants.items()
     }
-    dt_config = parse_fit(["--config", "configs/dt/maze2d-medium-w64.yaml"], "dt config")
+    dt_config = parse_fit(["--config", f"configs/dt/{maze}-w64.yaml"], "dt config")
     dt = parsed["dt"]
     for section in ("model", "data", "evaluation", "targets"):
         assert dt[section] == dt_config[section], section
@@ -551,4 +562,4 @@ def test_the_three_way_studies_dt_is_the_published_recipe_at_the_regimes_sizes(n
         q = parsed[v].model
         assert (q.hidden_size, q.n_layer, q.n_head) == (m.hidden_size, m.n_layer, m.n_head)
         assert q.train_critic and q.next_state_loss and q.optimizer == "adam" and q.lr_decay
-    assert parsed["qt"].model.eta == 5.0 and parsed["qt-no-q"].model.eta == 0
+    assert parsed["qt"].model.eta == eta and parsed["qt-no-q"].model.eta == 0
